@@ -1,0 +1,281 @@
+"""Merge PEFT LoRA adapter folders into a new adapter folder, without loading any base model.
+
+The result is what PEFT's in-memory ``add_weighted_adapter(adapters, weights, name,
+combination_type=...)`` would give (see :mod:`.merge_plan` for the config and scalings), written as a
+folder that ``PeftModel.from_pretrained(base, out)`` loads.
+
+Methods (:data:`~.merge_plan.METHODS`): ``"cp"`` (:func:`~.merge.merge_modules`, the joint CP
+decomposition) and the exact references of :mod:`.baselines` (``"cat"``, ``"svd"``, ``"tsv"``).
+
+Memory: modules are read, merged and written group by group (``group_bytes`` of input factors at a
+time; CP-ALS batches the modules of a group). The output file is streamed, so peak memory is one
+group plus small per-module cores, whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import peft
+import torch
+from tqdm.auto import tqdm
+
+from .adapter_io import WEIGHTS_NAME, atomic_directory, read_factors, stream_safetensors
+from .baselines import merge_cat, merge_svd, merge_tsv
+from .compression import LoraStack
+from .merge import MergedLora, merge_modules
+from .merge_plan import MergePlan, ModulePlan, plan_merge
+
+__all__ = ["CP_OPTIONS", "MergeResult", "iter_module_stacks", "merge_adapter_folders"]
+
+logger = logging.getLogger(__name__)
+
+CP_OPTIONS = ("aggregation", "init", "n_iter_max", "tol", "l2", "seed")
+DEFAULT_GROUP_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """A finished folder merge.
+
+    Attributes:
+        out_dir: The written adapter folder.
+        plan: The plan that was carried out.
+        rel_errors: Module name -> relative error of the merge's fit or truncation.
+        seconds: Wall time of reading, merging and writing.
+    """
+
+    out_dir: Path
+    plan: MergePlan
+    rel_errors: Mapping[str, float | None]
+    seconds: float
+
+
+def iter_module_stacks(
+    plan: MergePlan, *, device: torch.device | str = "cpu", group_bytes: int = DEFAULT_GROUP_BYTES
+) -> Iterator[dict[str, LoraStack]]:
+    """Read the planned modules group by group, as one-module stacks with PEFT's scalings.
+
+    Args:
+        plan: A plan from :func:`~.merge_plan.plan_merge`.
+        device: Where the factors go.
+        group_bytes: Input bytes read at a time (at least one module per group).
+
+    Yields:
+        ``{module name: LoraStack}`` for consecutive modules in plan order; each stack has batch size
+        1 and holds the adapters present in that module (``plan.modules[k].adapters``), cast to
+        ``plan.dtype``.
+    """
+    if group_bytes < 1:
+        raise ValueError(f"group_bytes must be positive, got {group_bytes}")
+    for group in _groups(plan, group_bytes):
+        factors: dict[str, list] = {m.name: [] for m in group}
+        for index, adapter in enumerate(plan.adapters):
+            names = [m.name for m in group if index in m.adapters]
+            for name, pair in read_factors(adapter, names, device=device).items():
+                factors[name].append(tuple(t.to(plan.dtype) for t in pair))
+        yield {
+            m.name: LoraStack(
+                [a[None] for a, _ in factors[m.name]], [b[None] for _, b in factors[m.name]], m.scales
+            )
+            for m in group
+        }
+
+
+def _groups(plan: MergePlan, group_bytes: int) -> Iterator[list[ModulePlan]]:
+    """Consecutive modules whose input factors together stay under ``group_bytes`` (at least one)."""
+    itemsize = torch.empty((), dtype=plan.dtype).element_size()
+    group, size = [], 0
+    for module in plan.modules:
+        module_bytes = sum(module.ranks) * (module.d_in + module.d_out) * itemsize
+        if group and size + module_bytes > group_bytes:
+            yield group
+            group, size = [], 0
+        group.append(module)
+        size += module_bytes
+    if group:
+        yield group
+
+
+def _merge_group(
+    plan: MergePlan, stacks: Mapping[str, LoraStack], cp_options: Mapping[str, object]
+) -> dict[str, MergedLora]:
+    modules = {m.name: m for m in plan.modules}
+    weights = {name: [plan.weights[i] for i in modules[name].adapters] for name in stacks}
+    if plan.method == "cp":
+        return merge_modules(stacks, weights, rank=plan.rank, **cp_options)
+    if plan.method == "cat":
+        return {name: _pad(merge_cat(stack, weights[name]), plan.rank) for name, stack in stacks.items()}
+    merge = {"svd": merge_svd, "tsv": merge_tsv}[plan.method]
+    return {name: merge(stack, weights[name], rank=plan.rank) for name, stack in stacks.items()}
+
+
+def _pad(merged: MergedLora, rank: int) -> MergedLora:
+    """Zero-pad a ``cat`` merge to the common rank (exact: the extra components are zero)."""
+    missing = rank - merged.lora_A.shape[0]
+    lora_A = torch.cat([merged.lora_A, merged.lora_A.new_zeros(missing, merged.lora_A.shape[1])])
+    lora_B = torch.cat([merged.lora_B, merged.lora_B.new_zeros(merged.lora_B.shape[0], missing)], dim=1)
+    return MergedLora(lora_A=lora_A, lora_B=lora_B, rel_error=merged.rel_error)
+
+
+@torch.no_grad()
+def merge_adapter_folders(
+    adapter_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    weights: Sequence[float],
+    rank: int | None,
+    method: str = "cp",
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    allow_different_base: bool = False,
+    cp_options: Mapping[str, object] | None = None,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge LoRA adapter folders into a new PEFT adapter folder.
+
+    Everything is checked (:func:`plan_merge`, the output folder, the options) before any tensor is
+    read; the folder appears at ``out_dir`` only once complete, with ``README.md`` (a model card)
+    and ``merge_info.json`` recording how it was made.
+
+    Args:
+        adapter_dirs: PEFT LoRA adapter folders (at least 2).
+        out_dir: Folder to create.
+        weights: One merge weight per adapter.
+        rank: Rank ``R`` of the merged adapter; ``None`` for ``"cat"``.
+        method: One of :data:`METHODS`.
+        device: Where to compute (``"cpu"`` or ``"cuda"``).
+        overwrite: Replace an existing ``out_dir``.
+        allow_different_base: Merge adapters made for different base models (with a warning).
+        cp_options: Options of :func:`~.merge.merge_modules` for ``"cp"``, any of
+            ``aggregation, init, n_iter_max, tol, l2, seed``.
+        group_bytes: Input bytes read and merged at a time.
+        progress: Show a progress bar over modules.
+
+    Returns:
+        The :class:`MergeResult`.
+
+    Raises:
+        ValueError, AdapterError: See :func:`plan_merge`; also unknown ``cp_options``.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+
+    Example:
+        >>> merge_adapter_folders(["math", "code"], "merged", weights=[1, 1], rank=16)  # doctest: +SKIP
+    """
+    cp_options = dict(cp_options or {})
+    if cp_options and method != "cp":
+        raise ValueError(f"cp_options {sorted(cp_options)} only apply to method 'cp', not {method!r}")
+    if set(cp_options) - set(CP_OPTIONS):
+        raise ValueError(
+            f"Unknown cp_options {sorted(set(cp_options) - set(CP_OPTIONS))}; expected {list(CP_OPTIONS)}"
+        )
+    if group_bytes < 1:
+        raise ValueError(f"group_bytes must be positive, got {group_bytes}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available")
+    out_dir = Path(out_dir)
+    if out_dir.resolve() in {Path(d).resolve() for d in adapter_dirs}:
+        raise ValueError(f"The output folder {out_dir} is one of the inputs")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"Output {out_dir} exists (pass overwrite / --overwrite to replace it)")
+    plan = plan_merge(
+        adapter_dirs, weights=weights, rank=rank, method=method, allow_different_base=allow_different_base
+    )
+    start = time.perf_counter()
+    layout = [entry for m in plan.modules for entry in ((m.key_A, m.shape_A), (m.key_B, m.shape_B))]
+    rel_errors: dict[str, float | None] = {}
+    with (
+        atomic_directory(out_dir, overwrite=overwrite) as tmp,
+        stream_safetensors(tmp / WEIGHTS_NAME, layout, dtype=plan.dtype) as write,
+        tqdm(total=len(plan.modules), desc=f"Merging ({method})", unit="module", disable=not progress) as bar,
+    ):
+        modules = {m.name: m for m in plan.modules}
+        for stacks in iter_module_stacks(plan, device=device, group_bytes=group_bytes):
+            logger.info("Merging %d modules from %s", len(stacks), next(iter(stacks)))
+            for name, merged in _merge_group(plan, stacks, cp_options).items():
+                write(modules[name].key_A, merged.lora_A.reshape(modules[name].shape_A))
+                write(modules[name].key_B, merged.lora_B.reshape(modules[name].shape_B))
+                rel_errors[name] = merged.rel_error
+            bar.update(len(stacks))
+        seconds = time.perf_counter() - start
+        result = MergeResult(out_dir=out_dir, plan=plan, rel_errors=rel_errors, seconds=seconds)
+        plan.merged_config().save_pretrained(str(tmp))
+        _write_provenance(tmp, result, device=str(device), cp_options=cp_options)
+    return result
+
+
+def _provenance(result: MergeResult, *, device: str, cp_options: Mapping[str, object]) -> dict:
+    plan = result.plan
+    try:
+        tool_version = version("peft-cp-merge")
+    except PackageNotFoundError:
+        tool_version = "unknown"
+    errors = [e for e in result.rel_errors.values() if e is not None]
+    return {
+        "tool": f"peft-cp-merge {tool_version}",
+        "peft": peft.__version__,
+        "torch": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": plan.method,
+        "rank": plan.rank,
+        "cp_options": dict(cp_options),
+        "device": device,
+        "inputs": [
+            {
+                "path": str(adapter.path.resolve()),
+                "weight": weight,
+                "base_model_name_or_path": adapter.config.base_model_name_or_path,
+                "r": adapter.config.r,
+                "lora_alpha": adapter.config.lora_alpha,
+                "use_rslora": adapter.config.use_rslora,
+                "rank_pattern": dict(adapter.config.rank_pattern),
+                "alpha_pattern": dict(adapter.config.alpha_pattern),
+                "modules": len(adapter.modules),
+            }
+            for adapter, weight in zip(plan.adapters, plan.weights, strict=True)
+        ],
+        "modules": len(plan.modules),
+        "rel_error_mean": sum(errors) / len(errors) if errors else None,
+        "rel_error_max": max(errors) if errors else None,
+        "module_rel_error": dict(result.rel_errors),
+        "seconds": round(result.seconds, 3),
+    }
+
+
+def _write_provenance(
+    folder: Path, result: MergeResult, *, device: str, cp_options: Mapping[str, object]
+) -> None:
+    """``merge_info.json`` and a ``README.md`` model card saying how the adapter was made.
+
+    PEFT's config loader warns about unknown keys in ``adapter_config.json``, so provenance lives
+    beside it rather than in it.
+    """
+    info = _provenance(result, device=device, cp_options=cp_options)
+    (folder / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    summary = {k: v for k, v in info.items() if k != "module_rel_error"}
+    rows = "\n".join(
+        f"| `{item['path']}` | {item['weight']:g} | {item['r']} | {item['lora_alpha']:g} |"
+        for item in info["inputs"]
+    )
+    base = result.plan.adapters[0].config.base_model_name_or_path
+    card = (
+        "---\nlibrary_name: peft\n"
+        + (f"base_model: {base}\n" if base else "")
+        + "tags:\n- lora\n- merge\n- peft-cp-merge\n---\n\n"
+        + f"# Merged LoRA adapter\n\nMade by `{info['tool']}` with method `{info['method']}` at rank "
+        + f"{info['rank']} from {len(info['inputs'])} adapters:\n\n"
+        + f"| adapter | weight | r | lora_alpha |\n|---|---|---|---|\n{rows}\n\n"
+        + "Per-module errors are in `merge_info.json`. Provenance:\n\n"
+        + f"```json\n{json.dumps(summary, indent=2)}\n```\n"
+    )
+    (folder / "README.md").write_text(card)

@@ -1,0 +1,163 @@
+"""The two forms of a batch of third-order tensors that CP-ALS runs on.
+
+Both expose the same small interface, so the ALS loop and the initialisations never look inside:
+
+- :class:`DenseForm`: an explicit ``(batch, I, J, K)`` tensor.
+- :class:`KruskalCoreForm`: the factored core of a LoRA stack (see :mod:`peft_cp_merge.compression`),
+  ``X = [[P1, P2, E]]`` with ``P1 = left (batch, I, M)``, ``P2 = right (batch, J, M)`` and ``E`` the
+  ``(K, M)`` adapter indicator. Every operation costs ``O(M^2 R)`` or ``O(M^3)``, never ``I * J * K``.
+
+Conventions: ``factors`` is a 3-tuple ``(A (batch, I, R), B (batch, J, R), C (batch, K, R))`` and the
+model is ``X_hat = sum_r weights[:, r] a_r o b_r o c_r``. Everything is float64 (or the dtype asked for).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .compression import LoraCore
+
+Factors = tuple[Tensor, Tensor, Tensor]
+
+
+def _kruskal_norm_sq(grams: tuple[Tensor, Tensor, Tensor], weights: Tensor) -> Tensor:
+    """``||[[w; F1, F2, F3]]||^2`` from the factor Gram matrices: ``w^T (G1 * G2 * G3) w``."""
+    hadamard = grams[0] * grams[1] * grams[2]
+    return torch.einsum("br,brs,bs->b", weights, hadamard, weights)
+
+
+class DenseForm:
+    """An explicit batch of tensors ``(batch, I, J, K)``."""
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.tensor.shape)
+
+    def select(self, index: Tensor) -> DenseForm:
+        return DenseForm(self.tensor[index])
+
+    def norm_sq(self) -> Tensor:
+        return self.tensor.square().sum(dim=(1, 2, 3))
+
+    def mttkrp(self, factors: Factors, mode: int) -> Tensor:
+        """``X_(mode) (khatri-rao of the other factors)``: ``(batch, I_mode, R)``."""
+        a, b, c = factors
+        if mode == 0:
+            return torch.einsum("bijk,bjr,bkr->bir", self.tensor, b, c)
+        if mode == 1:
+            return torch.einsum("bijk,bir,bkr->bjr", self.tensor, a, c)
+        return torch.einsum("bijk,bir,bjr->bkr", self.tensor, a, b)
+
+    def unfolding_gram(self, mode: int) -> Tensor:
+        """``X_(mode) X_(mode)^T``: ``(batch, I_mode, I_mode)``."""
+        unfolded = self.tensor.movedim(mode + 1, 1).flatten(start_dim=2)
+        return unfolded @ unfolded.mT
+
+    def project(self, u1: Tensor, u2: Tensor) -> Tensor:
+        """``X x_1 u1^T x_2 u2^T``: ``(batch, R1, R2, K)``."""
+        return torch.einsum("bijk,bir,bjs->brsk", self.tensor, u1, u2)
+
+    def residual_sq(self, weights: Tensor, factors: Factors) -> Tensor:
+        """Exact ``||X - X_hat||^2`` per batch element."""
+        a, b, c = factors
+        rebuilt = torch.einsum("br,bir,bjr,bkr->bijk", weights, a, b, c)
+        return (self.tensor - rebuilt).square().sum(dim=(1, 2, 3))
+
+
+class KruskalCoreForm:
+    """The factored core of a LoRA stack; see the module docstring."""
+
+    def __init__(self, core: LoraCore, dtype: torch.dtype = torch.float64):
+        self.left = core.left.to(dtype)
+        self.right = core.right.to(dtype)
+        self.ranks = core.ranks
+        self.indicator = core.indicator().to(self.left)
+        self._grams: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.left.shape[0], self.left.shape[1], self.right.shape[1], len(self.ranks))
+
+    def select(self, index: Tensor) -> KruskalCoreForm:
+        out = KruskalCoreForm.__new__(KruskalCoreForm)
+        out.left, out.right, out.ranks, out.indicator = (
+            self.left[index],
+            self.right[index],
+            self.ranks,
+            self.indicator,
+        )
+        out._grams = None if self._grams is None else (self._grams[0][index], self._grams[1][index])
+        return out
+
+    def _input_grams(self) -> tuple[Tensor, Tensor]:
+        """``P1^T P1`` and ``P2^T P2`` (``(batch, M, M)``), computed once."""
+        if self._grams is None:
+            self._grams = (self.left.mT @ self.left, self.right.mT @ self.right)
+        return self._grams
+
+    def _task_mask(self) -> Tensor:
+        """``E^T E``: 1 where two columns belong to the same adapter."""
+        return self.indicator.mT @ self.indicator
+
+    def norm_sq(self) -> Tensor:
+        g1, g2 = self._input_grams()
+        return (g1 * g2 * self._task_mask()).sum(dim=(1, 2))
+
+    def mttkrp(self, factors: Factors, mode: int) -> Tensor:
+        a, b, c = factors
+        # Projections of our factors on the core's rank-M factors, (batch, M, R) each.
+        proj_c = torch.einsum("km,bkr->bmr", self.indicator, c)
+        if mode == 0:
+            return self.left @ ((self.right.mT @ b) * proj_c)
+        if mode == 1:
+            return self.right @ ((self.left.mT @ a) * proj_c)
+        return torch.einsum("km,bmr->bkr", self.indicator, (self.left.mT @ a) * (self.right.mT @ b))
+
+    def unfolding_gram(self, mode: int) -> Tensor:
+        g1, g2 = self._input_grams()
+        mask = self._task_mask()
+        if mode == 0:
+            return self.left @ (g2 * mask) @ self.left.mT
+        if mode == 1:
+            return self.right @ (g1 * mask) @ self.right.mT
+        return self.indicator @ (g1 * g2) @ self.indicator.mT
+
+    def project(self, u1: Tensor, u2: Tensor) -> Tensor:
+        return torch.einsum("brm,bsm,km->brsk", u1.mT @ self.left, u2.mT @ self.right, self.indicator)
+
+    def residual_sq(self, weights: Tensor, factors: Factors) -> Tensor:
+        """Exact ``||X - X_hat||^2``, slice by slice, without cancellation.
+
+        Slice ``k`` of the residual is ``[P1_k, A diag(w c_k)] [P2_k, -B]^T`` with ``r_k + R`` columns;
+        its norm is that of ``R_X R_Y^T`` from thin QRs of the two tall factors, which is computed
+        to working precision even when the residual is tiny compared with ``X``.
+        """
+        a, b, c = factors
+        batch, m, r = a.shape[0], self.left.shape[1], a.shape[2]
+        width = max(self.ranks)
+        left_blocks = self.left.new_zeros(batch, len(self.ranks), m, width + r)
+        right_blocks = self.right.new_zeros(batch, len(self.ranks), m, width + r)
+        start = 0
+        for k, rank_k in enumerate(self.ranks):
+            left_blocks[:, k, :, :rank_k] = self.left[:, :, start : start + rank_k]
+            right_blocks[:, k, :, :rank_k] = self.right[:, :, start : start + rank_k]
+            start += rank_k
+        left_blocks[:, :, :, width:] = a[:, None] * (weights[:, None, :] * c)[:, :, None, :]
+        right_blocks[:, :, :, width:] = -b[:, None]
+        r_left = torch.linalg.qr(left_blocks, mode="r").R
+        r_right = torch.linalg.qr(right_blocks, mode="r").R
+        return (r_left @ r_right.mT).square().sum(dim=(1, 2, 3))
+
+
+def factor_grams(factors: Factors) -> tuple[Tensor, Tensor, Tensor]:
+    """``F^T F`` for each factor, ``(batch, R, R)``."""
+    return tuple(f.mT @ f for f in factors)
+
+
+def model_norm_sq(weights: Tensor, factors: Factors) -> Tensor:
+    """``||X_hat||^2`` per batch element."""
+    return _kruskal_norm_sq(factor_grams(factors), weights)

@@ -1,0 +1,81 @@
+import pytest
+import torch
+from conftest import random_stack
+
+from peft_cp_merge.compression import LoraCore, LoraStack, compress, lift
+
+
+def _dense_from_core(stack, compressed):
+    q_b = stack.cat_B() @ compressed.basis_B
+    q_a = stack.cat_A().mT @ compressed.basis_A
+    return torch.einsum("bim,bjn,bmnk->bijk", q_b, q_a, compressed.core.to_dense())
+
+
+def test_core_reproduces_the_stack_exactly():
+    stack = random_stack([4, 2, 3], batch=2)
+    compressed = compress(stack)
+    dense = stack.to_dense()
+    assert compressed.core.shape == (2, 9, 9, 3)
+    assert torch.allclose(_dense_from_core(stack, compressed), dense, rtol=0, atol=1e-12 * dense.abs().max())
+
+
+def test_bases_are_orthonormal_and_norms_are_kept():
+    stack = random_stack([3, 5], batch=2)
+    compressed = compress(stack)
+    q_b = stack.cat_B() @ compressed.basis_B
+    assert torch.allclose(q_b.mT @ q_b, torch.eye(8, dtype=torch.float64).expand(2, -1, -1), atol=1e-12)
+    core_sq, dense_sq = (
+        compressed.core.to_dense().square().sum((1, 2, 3)),
+        stack.to_dense().square().sum((1, 2, 3)),
+    )
+    assert torch.allclose(core_sq, dense_sq, rtol=1e-12)
+
+
+def test_shared_directions_give_a_rank_deficient_basis_and_stay_exact():
+    stack = random_stack([4, 4])
+    shared = LoraStack(stack.lora_A, [stack.lora_B[0], stack.lora_B[0]], [1.0, 2.0])
+    compressed = compress(shared)
+    assert compressed.rank_B.tolist() == [4]
+    assert compressed.rank_A.tolist() == [8]
+    dense = shared.to_dense()
+    assert torch.allclose(_dense_from_core(shared, compressed), dense, atol=1e-12 * dense.abs().max())
+
+
+def test_lift_maps_core_factors_back():
+    stack = random_stack([2, 2])
+    compressed = compress(stack)
+    core_factor = torch.randn(1, 4, 3, dtype=torch.float64)
+    lifted = lift(core_factor, stack.cat_B(), compressed.basis_B)
+    assert lifted.shape == (1, 24, 3)
+    assert torch.allclose(lifted.norm(dim=1), core_factor.norm(dim=1))
+
+
+def test_float32_inputs_keep_float32_lifts():
+    stack = random_stack([2, 3], dtype=torch.float32)
+    compressed = compress(stack)
+    assert compressed.core.left.dtype == torch.float64
+    assert (
+        lift(torch.ones(1, 5, 2, dtype=torch.float64), stack.cat_B(), compressed.basis_B).dtype
+        == torch.float32
+    )
+
+
+def test_cores_of_different_ranks_do_not_batch():
+    a, b = compress(random_stack([2, 2])).core, compress(random_stack([3, 1])).core
+    with pytest.raises(ValueError, match="different ranks"):
+        LoraCore.cat([a, b])
+
+
+@pytest.mark.parametrize(
+    ("lora_A", "lora_B", "scales", "message"),
+    [
+        ([torch.ones(1, 2, 5)], [torch.ones(1, 4, 3)], [1.0], "rank 2 != lora_B rank 3"),
+        ([torch.ones(1, 2, 5), torch.ones(1, 2, 6)], [torch.ones(1, 4, 2)] * 2, [1.0, 1.0], "do not match"),
+        ([torch.ones(2, 5)], [torch.ones(4, 2)], [1.0], "must be 3-D"),
+        ([torch.ones(1, 2, 5)], [torch.ones(1, 4, 2)], [1.0, 2.0], "scales must have shape"),
+        ([], [], [], "same positive number"),
+    ],
+)
+def test_bad_stacks_are_rejected(lora_A, lora_B, scales, message):
+    with pytest.raises(ValueError, match=message):
+        LoraStack(lora_A, lora_B, scales)

@@ -1,0 +1,214 @@
+"""Merging LoRA adapters from a joint CP decomposition of their stacked deltas.
+
+For one module, the N adapters' deltas ``dW_i = s_i B_i A_i`` are stacked into ``T`` and fitted with
+``T ~= sum_r lambda_r u_r o v_r o c_r`` (``c_r``: how much each adapter uses component ``r``). The merged
+delta is ``dW = sum_r g_r u_r v_r^T`` with per-component gains ``g_r`` from the loadings:
+
+- ``"weighted"`` (default): ``g_r = lambda_r sum_i w_i c_ir``. With a rank large enough for an exact
+  fit this is exactly ``sum_i w_i dW_i`` (PEFT's ``"cat"``); a smaller rank denoises it jointly.
+- ``"disjoint"``: TIES-style per component. Elect the sign of ``sum_i w_i c_ir``, keep the loadings
+  that agree with it and are at least :data:`DISJOINT_THRESHOLD` of the component's largest
+  ``|w_i c_ir|``, and average them: a component used by one adapter keeps its full strength,
+  a shared one is not counted N times.
+
+The merged adapter has rank ``R``: ``lora_B = U diag(sqrt|g|)``, ``lora_A = diag(sign(g) sqrt|g|) V^T``
+and scaling 1 (``r = lora_alpha = R``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .compression import CompressedLora, LoraCore, LoraStack, compress, lift
+from .cp_als import CPResult, canonicalize, cp_als
+
+__all__ = ["AGGREGATIONS", "DISJOINT_THRESHOLD", "MergedLora", "aggregate_loadings", "merge_modules"]
+
+logger = logging.getLogger(__name__)
+
+AGGREGATIONS = ("weighted", "disjoint")
+DISJOINT_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class MergedLora:
+    """One module's merged adapter: ``delta = lora_B @ lora_A`` (scaling 1).
+
+    Attributes:
+        lora_A: ``(R, d_in)``.
+        lora_B: ``(d_out, R)``.
+        rel_error: Relative error of the CP fit of the module's stacked deltas (``None`` for merges
+            that fit nothing).
+    """
+
+    lora_A: Tensor
+    lora_B: Tensor
+    rel_error: float | None = None
+
+
+def aggregate_loadings(weights: Tensor, loadings: Tensor, merge_weights: Tensor, aggregation: str) -> Tensor:
+    """Per-component gains ``g`` of the merged delta.
+
+    Args:
+        weights: CP weights ``lambda`` ``(batch, R)``.
+        loadings: Adapter loadings ``C`` ``(batch, N, R)``, unit columns.
+        merge_weights: ``w`` ``(batch, N)``.
+        aggregation: One of :data:`AGGREGATIONS`.
+
+    Returns:
+        ``(batch, R)``.
+    """
+    contributions = merge_weights[:, :, None].to(loadings) * loadings  # (batch, N, R)
+    if aggregation == "weighted":
+        return weights * contributions.sum(dim=1)
+    if aggregation == "disjoint":
+        elected = torch.sign(contributions.sum(dim=1, keepdim=True))
+        largest = contributions.abs().amax(dim=1, keepdim=True)
+        keep = (torch.sign(contributions) == elected) & (contributions.abs() >= DISJOINT_THRESHOLD * largest)
+        kept = torch.where(keep, contributions, torch.zeros_like(contributions))
+        return weights * kept.sum(dim=1) / keep.sum(dim=1).clamp_min(1)
+    raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
+
+
+def _split_gains(u: Tensor, v: Tensor, gains: Tensor) -> tuple[Tensor, Tensor]:
+    """``lora_B = U diag(sqrt|g|)``, ``lora_A = diag(sign(g) sqrt|g|) V^T`` for one module."""
+    root = gains.abs().sqrt()
+    return (torch.sign(gains) * root)[:, None] * v.mT, u * root[None, :]
+
+
+def merge_modules(
+    stacks: Mapping[str, LoraStack],
+    weights: Mapping[str, Sequence[float] | Tensor],
+    *,
+    rank: int,
+    aggregation: str = "weighted",
+    init: str = "gevd",
+    n_iter_max: int = 200,
+    tol: float = 1e-8,
+    l2: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool | None = False,
+) -> dict[str, MergedLora]:
+    """Merge the adapters of many modules, batching every core of the same shape into one CP-ALS.
+
+    Args:
+        stacks: Module name -> :class:`~.compression.LoraStack` of batch size 1 (the adapters present
+            in that module, with their scalings).
+        weights: Module name -> merge weight of each adapter in that module's stack.
+        rank: Components ``R`` of the merged adapters. A module whose adapters have a total rank
+            ``M < R`` is fitted exactly with ``M`` components and padded with zeros.
+        aggregation: How loadings become gains, one of :data:`AGGREGATIONS`.
+        init: CP-ALS initialisation, see :func:`~.cp_als.cp_als`.
+        n_iter_max: Maximum ALS sweeps.
+        tol: ALS stopping tolerance on the change of relative error.
+        l2: Relative ridge term of the ALS normal equations.
+        seed: Seed of every random number used.
+        device: Where to compute (default: where each stack lives). Results come back on the
+            stack's device and dtype.
+        progress: Show progress bars.
+
+    Returns:
+        Module name -> :class:`MergedLora`, with factors of rank exactly ``rank``.
+
+    Example:
+        >>> A = [torch.randn(1, 4, 30), torch.randn(1, 4, 30)]
+        >>> B = [torch.randn(1, 20, 4), torch.randn(1, 20, 4)]
+        >>> merged = merge_modules({"fc": LoraStack(A, B, [1.0, 1.0])}, {"fc": [0.5, 0.5]}, rank=8)
+        >>> merged["fc"].lora_A.shape
+        torch.Size([8, 30])
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
+    if set(stacks) != set(weights):
+        raise ValueError(f"stacks and weights name different modules: {sorted(set(stacks) ^ set(weights))}")
+    merge_weights: dict[str, Tensor] = {}
+    for name, stack in stacks.items():
+        if stack.shape[0] != 1:
+            raise ValueError(f"Module {name!r}: expected a stack of batch size 1, got {stack.shape[0]}")
+        w = torch.as_tensor(weights[name], dtype=torch.float64).flatten()
+        if w.numel() != stack.shape[3]:
+            raise ValueError(f"Module {name!r}: {w.numel()} weights for {stack.shape[3]} adapters")
+        merge_weights[name] = w
+
+    compressed: dict[str, CompressedLora] = {}
+    groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for name, stack in tqdm(
+        stacks.items(), desc="Compressing", unit="module", disable=None if progress is None else not progress
+    ):
+        if device is not None:
+            stack = _stack_to(stack, device)
+        compressed[name] = compress(stack)
+        groups[stack.ranks].append(name)
+
+    merged: dict[str, MergedLora] = {}
+    for ranks, names in groups.items():
+        effective_rank = min(rank, sum(ranks))
+        core = LoraCore.cat([compressed[n].core for n in names])
+        logger.info("CP-ALS on %d modules, core %s, rank %d", len(names), core.shape[1:], effective_rank)
+        result = cp_als(
+            core,
+            effective_rank,
+            init=init,
+            n_iter_max=n_iter_max,
+            tol=tol,
+            l2=l2,
+            seed=seed,
+            progress=progress,
+        )
+        if (~result.converged).any():
+            logger.info(
+                "%d of %d modules stopped at n_iter_max=%d", (~result.converged).sum(), len(names), n_iter_max
+            )
+        for index, name in enumerate(names):
+            merged[name] = _lift_module(
+                stacks[name], compressed[name], result, index, merge_weights[name], aggregation, rank, device
+            )
+    return {name: merged[name] for name in stacks}
+
+
+def _stack_to(stack: LoraStack, device: torch.device | str) -> LoraStack:
+    return LoraStack(
+        [a.to(device) for a in stack.lora_A], [b.to(device) for b in stack.lora_B], stack.scales.to(device)
+    )
+
+
+def _lift_module(
+    stack: LoraStack,
+    compressed: CompressedLora,
+    result: CPResult,
+    index: int,
+    merge_weights: Tensor,
+    aggregation: str,
+    rank: int,
+    device: torch.device | str | None,
+) -> MergedLora:
+    """Lift one module's core-space factors and turn loadings into its merged A and B."""
+    home, out_dtype = stack.lora_A[0].device, stack.lora_A[0].dtype
+    if device is not None:
+        stack = _stack_to(stack, device)
+    core_factors = tuple(f[index : index + 1] for f in result.factors)
+    factors = (
+        lift(core_factors[0], stack.cat_B(), compressed.basis_B, out_dtype=torch.float64),
+        lift(core_factors[1], stack.cat_A().mT, compressed.basis_A, out_dtype=torch.float64),
+        core_factors[2].to(torch.float64),
+    )
+    cp_weights, (u, v, c) = canonicalize(result.weights[index : index + 1].to(torch.float64), factors)
+    gains = aggregate_loadings(cp_weights, c, merge_weights[None].to(c.device), aggregation)[0]
+    lora_A, lora_B = _split_gains(u[0], v[0], gains)
+    missing = rank - lora_A.shape[0]
+    if missing > 0:
+        lora_A = torch.cat([lora_A, lora_A.new_zeros(missing, lora_A.shape[1])])
+        lora_B = torch.cat([lora_B, lora_B.new_zeros(lora_B.shape[0], missing)], dim=1)
+    return MergedLora(
+        lora_A=lora_A.to(dtype=out_dtype, device=home),
+        lora_B=lora_B.to(dtype=out_dtype, device=home),
+        rel_error=float(result.rel_error[index]),
+    )

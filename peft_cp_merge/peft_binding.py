@@ -1,0 +1,370 @@
+"""``combination_type="cp"`` for PEFT's ``add_weighted_adapter``.
+
+:func:`add_cp_weighted_adapter` merges LoRA adapters of a ``PeftModel`` / ``LoraModel`` into a new
+adapter with :func:`~.merge.merge_modules`. :func:`register` wraps ``LoraModel.add_weighted_adapter``
+so that ``combination_type="cp"`` (with ``cp_*`` options) goes here and every other combination type
+goes to PEFT unchanged; ``import peft_cp_merge`` calls it, :func:`unregister` undoes it.
+
+Order of work: validate everything, compute the merged factors (the model is not touched), then add
+and fill the new adapter; if that last step fails, the half-made adapter is deleted again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer, LoraModel
+from peft.utils import _freeze_adapter
+from torch import Tensor
+
+from .compression import LoraStack
+from .cp_als import _validate as _validate_cp_options
+from .merge import AGGREGATIONS, MergedLora, merge_modules
+
+__all__ = ["CPMergeReport", "add_cp_weighted_adapter", "is_registered", "register", "unregister"]
+
+_INIT_VARIANTS = next(
+    f.metadata.get("lora_variants", ())
+    for f in dataclasses.fields(LoraConfig)
+    if f.name == "init_lora_weights"
+)
+
+# LoraConfig fields that change what an adapter computes beyond s * B @ A; merging such adapters
+# through A and B alone would give a silently wrong result.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA adapters (a learned magnitude vector) cannot be merged through A and B",
+    "lora_bias": "adapters with a LoRA bias (lora_bias=True) cannot be merged through A and B",
+    "target_parameters": "adapters on nn.Parameters (target_parameters) are not supported",
+    "layer_replication": "adapters with layer_replication are not supported",
+    "megatron_config": "Megatron-parallel adapters are not supported",
+}
+
+
+@dataclass(frozen=True)
+class CPMergeReport:
+    """What a ``"cp"`` merge did.
+
+    Attributes:
+        adapter_name: The new adapter.
+        rank: Its rank ``R`` (``r = lora_alpha = R``).
+        rel_error: Module name -> relative error of the CP fit of that module's stacked deltas.
+        seconds: Wall time of the merge.
+    """
+
+    adapter_name: str
+    rank: int
+    rel_error: dict[str, float]
+    seconds: float
+
+
+def _lora_model(model) -> LoraModel:
+    inner = getattr(model, "base_model", None)
+    if isinstance(model, LoraModel):
+        return model
+    if isinstance(inner, LoraModel):
+        return inner
+    raise ValueError(f"Expected a PeftModel with LoRA adapters or a LoraModel, got {type(model).__name__}")
+
+
+def _as_matrices(layer: LoraLayer, adapter: str) -> tuple[Tensor, Tensor]:
+    """``(lora_A (r, d_in), lora_B (d_out, r))`` of one adapter in one layer, as matrices."""
+    if adapter in layer.lora_embedding_A:
+        return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if a.ndim > 2:  # Conv: kernel in A (r, in, *k), 1x1 in B (out, r, 1, ...)
+        if getattr(layer.get_base_layer(), "groups", 1) != 1:
+            raise ValueError(f"Conv layers with groups > 1 are not supported (layer {type(layer).__name__})")
+        a, b = a.flatten(start_dim=1), b.flatten(start_dim=1)
+    return a, b
+
+
+def _has(layer: LoraLayer, adapter: str) -> bool:
+    return adapter in layer.lora_A or adapter in layer.lora_embedding_A
+
+
+def _check_config(name: str, config) -> None:
+    if not isinstance(config, LoraConfig):
+        raise ValueError(
+            f"Adapter {name!r} is a {type(config).__name__}; combination_type='cp' merges LoRA adapters"
+        )
+    for field, reason in _UNSUPPORTED_FIELDS.items():
+        if getattr(config, field, None):
+            raise ValueError(f"Adapter {name!r}: {reason} ({field}={getattr(config, field)!r})")
+    for field in dataclasses.fields(config):
+        if field.metadata.get("is_lora_variant") and getattr(config, field.name):
+            raise ValueError(f"Adapter {name!r} uses the LoRA variant {field.name!r}, which cannot be merged")
+    if config.init_lora_weights in _INIT_VARIANTS:
+        raise ValueError(
+            f"Adapter {name!r} uses the LoRA variant init_lora_weights={config.init_lora_weights!r}"
+        )
+
+
+def _validate(lora_model: LoraModel, adapters, weights, adapter_name) -> list[float]:
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
+        raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+    known = sorted(lora_model.peft_config)
+    for name in adapters:
+        if name not in lora_model.peft_config:
+            raise ValueError(f"Unknown adapter {name!r}; this model has {known}")
+    if len(set(adapters)) != len(adapters):
+        raise ValueError(f"adapters lists a name twice: {list(adapters)}")
+    if (
+        isinstance(weights, str)
+        or not isinstance(weights, Sequence | Tensor)
+        or len(weights) != len(adapters)
+    ):
+        raise ValueError(f"Expected {len(adapters)} weights (one per adapter), got {weights!r}")
+    weights = [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {weights}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if adapter_name in lora_model.peft_config:
+        raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another adapter_name")
+    for name in adapters:
+        _check_config(name, lora_model.peft_config[name])
+    return weights
+
+
+def _collect_stacks(
+    lora_model: LoraModel, adapters: Sequence[str], weights: Sequence[float]
+) -> tuple[dict[str, LoraStack], dict[str, list[float]], dict[str, LoraLayer]]:
+    """Per module: the stack of the adapters it has, their weights, and the layer."""
+    stacks, module_weights, layers = {}, {}, {}
+    for key, layer in lora_model.model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        present = [(a, w) for a, w in zip(adapters, weights, strict=True) if _has(layer, a)]
+        if not present:
+            continue
+        lora_A, lora_B, scales = [], [], []
+        for adapter, _ in present:
+            a, b = _as_matrices(layer, adapter)
+            for part, tensor in (("A", a), ("B", b)):
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(
+                        f"Adapter {adapter!r} has non-finite values in lora_{part} of module {key!r}"
+                    )
+            lora_A.append(a.detach()[None])
+            lora_B.append(b.detach()[None])
+            scales.append(float(layer.scaling[adapter]))
+        stacks[key] = LoraStack(lora_A, lora_B, scales)
+        module_weights[key] = [w for _, w in present]
+        layers[key] = layer
+    if not stacks:
+        raise ValueError(f"None of the adapters {list(adapters)} has a LoRA layer in this model")
+    return stacks, module_weights, layers
+
+
+def _new_config(lora_model: LoraModel, adapters: Sequence[str], modules: list[str], rank: int) -> LoraConfig:
+    first = lora_model.peft_config[adapters[0]]
+    dropped = [
+        f"{field}={getattr(lora_model.peft_config[a], field)!r} of {a!r}"
+        for a in adapters
+        for field in ("modules_to_save", "trainable_token_indices")
+        if getattr(lora_model.peft_config[a], field)
+    ]
+    if dropped:
+        warnings.warn(
+            f"combination_type='cp' merges LoRA layers only; not carried into the new adapter: {dropped}",
+            stacklevel=4,
+        )
+    return LoraConfig(
+        task_type=first.task_type,
+        base_model_name_or_path=first.base_model_name_or_path,
+        revision=first.revision,
+        inference_mode=first.inference_mode,
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(modules),
+        lora_dropout=first.lora_dropout,
+        fan_in_fan_out=first.fan_in_fan_out,
+        bias=first.bias,
+        init_lora_weights=True,
+    )
+
+
+def _write(layer: LoraLayer, adapter_name: str, merged: MergedLora) -> None:
+    if adapter_name in layer.lora_embedding_A:
+        targets = (layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name])
+    else:
+        targets = (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
+    for target, value in zip(targets, (merged.lora_A, merged.lora_B), strict=True):
+        target.data.copy_(value.reshape(target.shape))
+
+
+def add_cp_weighted_adapter(
+    model,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    *,
+    rank: int | None = None,
+    aggregation: str = "weighted",
+    init: str = "gevd",
+    n_iter_max: int = 200,
+    tol: float = 1e-8,
+    l2: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> CPMergeReport:
+    """Add a new adapter that merges ``adapters`` by a joint CP decomposition of their deltas.
+
+    Per module, ``dW = sum_r lambda_r (sum_i w_i c_ir) u_r v_r^T`` (``aggregation="weighted"``): with
+    a rank large enough for an exact fit this is ``sum_i w_i s_i B_i A_i``, PEFT's ``"cat"``.
+    The new adapter has ``r = lora_alpha = rank``, no rsLoRA/DoRA, empty rank/alpha patterns, and
+    targets exactly the modules where any input adapter has a LoRA layer (each module merges the
+    adapters it has). It is not activated (as with PEFT's ``add_weighted_adapter``).
+
+    Args:
+        model: A ``PeftModel`` with LoRA adapters, or a ``LoraModel``.
+        adapters: Names of the adapters to merge.
+        weights: One merge weight per adapter (negative subtracts).
+        adapter_name: Name of the new adapter; must not exist yet.
+        rank: CP rank ``R`` and rank of the new adapter (default: the largest input rank).
+        aggregation: ``"weighted"`` or ``"disjoint"``, see :mod:`peft_cp_merge.merge`.
+        init: CP-ALS start, ``"gevd"``, ``"svd"`` or ``"random"``.
+        n_iter_max: Maximum ALS sweeps.
+        tol: ALS stopping tolerance on the change of relative error.
+        l2: Relative ridge term of the ALS normal equations.
+        seed: Seed of every random number used.
+        device: Where to compute (default: where the first adapter's weights are).
+        progress: Progress bars: ``None`` shows them on a terminal only.
+
+    Returns:
+        A :class:`CPMergeReport`.
+
+    Raises:
+        ValueError: On any bad input, before the model is changed.
+
+    Example:
+        >>> import peft_cp_merge
+        >>> report = peft_cp_merge.add_cp_weighted_adapter(
+        ...     model, ["math", "code"], [1.0, 1.0], "math_code", rank=16
+        ... )  # doctest: +SKIP
+        >>> model.set_adapter("math_code")  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    lora_model = _lora_model(model)
+    weights = _validate(lora_model, adapters, weights, adapter_name)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
+    if rank is not None:
+        _validate_cp_options(rank, init, n_iter_max, tol, l2, seed, torch.float64)
+    stacks, module_weights, layers = _collect_stacks(lora_model, adapters, weights)
+    if rank is None:
+        rank = max(max(stack.ranks) for stack in stacks.values())
+    _validate_cp_options(rank, init, n_iter_max, tol, l2, seed, torch.float64)
+    if device is None:
+        device = next(iter(stacks.values())).lora_A[0].device
+
+    merged = merge_modules(
+        stacks,
+        module_weights,
+        rank=rank,
+        aggregation=aggregation,
+        init=init,
+        n_iter_max=n_iter_max,
+        tol=tol,
+        l2=l2,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
+
+    lora_model.peft_config[adapter_name] = _new_config(lora_model, adapters, list(stacks), rank)
+    try:
+        lora_model.inject_adapter(lora_model.model, adapter_name)
+        for key, layer in layers.items():
+            _write(layer, adapter_name, merged[key])
+        _freeze_adapter(lora_model.model, adapter_name)
+    except BaseException:
+        _remove_adapter(lora_model, adapter_name)
+        raise
+    return CPMergeReport(
+        adapter_name=adapter_name,
+        rank=rank,
+        rel_error={key: m.rel_error for key, m in merged.items()},
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _remove_adapter(lora_model: LoraModel, adapter_name: str) -> None:
+    """Undo a partly added adapter: layers first, then the config entry."""
+    for layer in lora_model.model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.delete_adapter(adapter_name)
+    lora_model.peft_config.pop(adapter_name, None)
+
+
+_CP_OPTIONS = ("rank", "aggregation", "init", "n_iter_max", "tol", "l2", "seed", "device", "progress")
+# PEFT options that are left at their defaults when combination_type="cp".
+_PEFT_DEFAULTS = {
+    "svd_rank": None,
+    "svd_clamp": None,
+    "svd_full_matrices": True,
+    "svd_driver": None,
+    "density": None,
+    "majority_sign_method": "total",
+}
+
+
+def _wrap(original):
+    @functools.wraps(original)
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", *args, **kwargs):
+        cp_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("cp_")}
+        if combination_type != "cp":
+            if cp_kwargs:
+                raise ValueError(
+                    f"{sorted(cp_kwargs)} only apply to combination_type='cp', not {combination_type!r}"
+                )
+            return original(self, adapters, weights, adapter_name, combination_type, *args, **kwargs)
+        if args:
+            raise ValueError(
+                "combination_type='cp' takes its options as keywords only "
+                f"({['cp_' + k for k in _CP_OPTIONS]}), got {len(args)} extra positional argument(s)"
+            )
+        unknown = sorted(k[3:] for k in cp_kwargs if k[3:] not in _CP_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {['cp_' + k for k in unknown]} for combination_type='cp'; "
+                f"expected {['cp_' + k for k in _CP_OPTIONS]}"
+            )
+        ignored = sorted(k for k, v in kwargs.items() if k not in _PEFT_DEFAULTS or v != _PEFT_DEFAULTS[k])
+        if ignored:
+            raise ValueError(
+                f"Option(s) {ignored} are not used by combination_type='cp'; "
+                f"its options are {['cp_' + k for k in _CP_OPTIONS]}"
+            )
+        return add_cp_weighted_adapter(
+            self, adapters, weights, adapter_name, **{k[3:]: v for k, v in cp_kwargs.items()}
+        )
+
+    add_weighted_adapter._peft_cp_merge_original = original
+    return add_weighted_adapter
+
+
+def is_registered() -> bool:
+    """Whether ``LoraModel.add_weighted_adapter`` currently accepts ``combination_type="cp"``."""
+    return hasattr(LoraModel.add_weighted_adapter, "_peft_cp_merge_original")
+
+
+def register() -> None:
+    """Make ``add_weighted_adapter(..., combination_type="cp")`` work. Idempotent."""
+    if not is_registered():
+        LoraModel.add_weighted_adapter = _wrap(LoraModel.add_weighted_adapter)
+
+
+def unregister() -> None:
+    """Restore PEFT's own ``add_weighted_adapter``. Idempotent."""
+    if is_registered():
+        LoraModel.add_weighted_adapter = LoraModel.add_weighted_adapter._peft_cp_merge_original

@@ -11,6 +11,7 @@ and fill the new adapter; if that last step fails, the half-made adapter is dele
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -127,6 +128,13 @@ def _validate(lora_model: LoraModel, adapters, weights, adapter_name) -> list[fl
         raise ValueError(f"weights must be finite numbers, got {weights}")
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if "." in adapter_name or any(
+        hasattr(d, adapter_name) for d in (torch.nn.ModuleDict(), torch.nn.ParameterDict())
+    ):
+        raise ValueError(
+            f"adapter_name {adapter_name!r} cannot name a LoRA layer's entry (it contains '.' or is an "
+            "attribute of torch.nn.ModuleDict/ParameterDict); choose another adapter_name"
+        )
     if adapter_name in lora_model.peft_config:
         raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another adapter_name")
     for name in adapters:
@@ -302,7 +310,9 @@ def _remove_adapter(lora_model: LoraModel, adapter_name: str) -> None:
     """Undo a partly added adapter: layers first, then the config entry."""
     for layer in lora_model.model.modules():
         if isinstance(layer, LoraLayer):
-            layer.delete_adapter(adapter_name)
+            # Best effort: the error that brought us here is the one to report.
+            with contextlib.suppress(Exception):
+                layer.delete_adapter(adapter_name)
     lora_model.peft_config.pop(adapter_name, None)
 
 

@@ -1,0 +1,137 @@
+import pytest
+import torch
+from conftest import random_stack
+
+from peft_cp_merge.compression import LoraStack
+from peft_cp_merge.merge import aggregate_loadings, merge_modules
+
+
+def _delta(merged):
+    return merged.lora_B @ merged.lora_A
+
+
+def _weighted_sum(stack, weights):
+    scales = stack.scales[0]
+    return sum(
+        w * s * b[0] @ a[0] for w, s, a, b in zip(weights, scales, stack.lora_A, stack.lora_B, strict=True)
+    )
+
+
+def _shared_cp_stack(loadings, d_out=30, d_in=26, seed=0):
+    """Adapter i is U diag(loadings[i]) V^T: the stack has the exact CP structure (U, V, loadings)."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = loadings.shape[1]
+    u = torch.randn(d_out, rank, generator=gen, dtype=torch.float64)
+    v = torch.randn(d_in, rank, generator=gen, dtype=torch.float64)
+    lora_A = [(v * loadings[i]).T[None] for i in range(loadings.shape[0])]
+    lora_B = [u[None] for _ in range(loadings.shape[0])]
+    return LoraStack(lora_A, lora_B, [1.0] * loadings.shape[0]), u, v
+
+
+def test_adapters_with_a_shared_cp_structure_merge_to_the_exact_weighted_sum():
+    loadings = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    stack, _, _ = _shared_cp_stack(loadings)
+    weights = [0.3, -1.0, 0.7]
+    merged = merge_modules({"m": stack}, {"m": weights}, rank=5)["m"]
+    expected = _weighted_sum(stack, weights)
+    assert merged.lora_A.shape == (5, 26)
+    assert (_delta(merged) - expected).norm() / expected.norm() < 1e-12
+    assert merged.rel_error < 1e-12
+
+
+@pytest.mark.parametrize("rank", [9, 12])
+def test_rank_at_least_the_total_input_rank_is_exact_and_padded(rank):
+    stack = random_stack([4, 2, 3])
+    merged = merge_modules({"m": stack}, {"m": [1.0, 0.5, -2.0]}, rank=rank)["m"]
+    expected = _weighted_sum(stack, [1.0, 0.5, -2.0])
+    assert merged.lora_B.shape == (24, rank)
+    assert (_delta(merged) - expected).norm() / expected.norm() < 1e-10
+    assert torch.equal(merged.lora_A[9:], torch.zeros(rank - 9, 20, dtype=torch.float64))
+
+
+def test_a_single_adapter_reproduces_itself():
+    stack = random_stack([6], scales=[2.0])
+    merged = merge_modules({"m": stack}, {"m": [1.0]}, rank=6)["m"]
+    expected = _weighted_sum(stack, [1.0])
+    assert (_delta(merged) - expected).norm() / expected.norm() < 1e-12
+
+
+def test_truncated_rank_is_a_joint_low_rank_approximation():
+    stack = random_stack([4, 4, 4])
+    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0, 1.0]}, rank=4)["m"]
+    assert merged.lora_A.shape == (4, 20)
+    assert 0.05 < merged.rel_error < 1.0
+    assert torch.linalg.matrix_rank(_delta(merged)) == 4
+
+
+def test_disjoint_keeps_task_specific_components_at_full_strength():
+    # Component 0 belongs to adapter 0 only; component 1 is shared equally by both adapters.
+    loadings = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    stack, u, v = _shared_cp_stack(loadings)
+    weights = [1.0, 1.0]
+    disjoint = merge_modules({"m": stack}, {"m": weights}, rank=2, aggregation="disjoint")["m"]
+    weighted = merge_modules({"m": stack}, {"m": weights}, rank=2, aggregation="weighted")["m"]
+    # weighted = the sum: component 0 once, component 1 twice; disjoint: both once.
+    sum_expected = torch.outer(u[:, 0], v[:, 0]) + 2 * torch.outer(u[:, 1], v[:, 1])
+    disjoint_expected = torch.outer(u[:, 0], v[:, 0]) + torch.outer(u[:, 1], v[:, 1])
+    assert torch.allclose(_delta(weighted), sum_expected, atol=1e-10)
+    assert torch.allclose(_delta(disjoint), disjoint_expected, atol=1e-10)
+
+
+def test_disjoint_drops_loadings_against_the_elected_sign():
+    weights = torch.tensor([[2.0]], dtype=torch.float64)
+    loadings = torch.tensor([[[0.8], [-0.6]]], dtype=torch.float64)
+    gains = aggregate_loadings(weights, loadings, torch.tensor([[1.0, 1.0]], dtype=torch.float64), "disjoint")
+    assert torch.allclose(gains, torch.tensor([[1.6]], dtype=torch.float64))
+    weighted = aggregate_loadings(
+        weights, loadings, torch.tensor([[1.0, 1.0]], dtype=torch.float64), "weighted"
+    )
+    assert torch.allclose(weighted, torch.tensor([[0.4]], dtype=torch.float64))
+
+
+def test_modules_of_different_core_shapes_are_batched_separately_with_the_same_result():
+    stacks = {
+        "a": random_stack([3, 3], seed=1),
+        "b": random_stack([2, 4], seed=2),
+        "c": random_stack([3, 3], seed=3),
+    }
+    weights = {name: [0.5, 1.5] for name in stacks}
+    together = merge_modules(stacks, weights, rank=3)
+    for name, stack in stacks.items():
+        alone = merge_modules({name: stack}, {name: weights[name]}, rank=3)[name]
+        assert torch.allclose(_delta(alone), _delta(together[name]), atol=1e-10)
+
+
+def test_float32_adapters_give_float32_factors():
+    stack = random_stack([4, 4], dtype=torch.float32)
+    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0]}, rank=8)["m"]
+    assert merged.lora_A.dtype == torch.float32
+    expected = _weighted_sum(stack, [1.0, 1.0])
+    assert (_delta(merged) - expected).norm() / expected.norm() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("weights", "kwargs", "message"),
+    [
+        ({"m": [1.0]}, {}, "1 weights for 2 adapters"),
+        ({"x": [1.0, 1.0]}, {}, "name different modules"),
+        ({"m": [1.0, 1.0]}, {"aggregation": "mean"}, "Unknown aggregation 'mean'"),
+    ],
+)
+def test_bad_arguments_are_rejected(weights, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        merge_modules({"m": random_stack([2, 2])}, weights, rank=2, **kwargs)
+
+
+def test_batched_stacks_are_rejected():
+    with pytest.raises(ValueError, match="batch size 1"):
+        merge_modules({"m": random_stack([2, 2], batch=2)}, {"m": [1.0, 1.0]}, rank=2)
+
+
+@pytest.mark.cuda
+def test_compute_on_cuda_returns_to_the_input_device():
+    stack = random_stack([4, 4])
+    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0]}, rank=8, device="cuda")["m"]
+    assert merged.lora_A.device.type == "cpu"
+    expected = _weighted_sum(stack, [1.0, 1.0])
+    assert (_delta(merged) - expected).norm() / expected.norm() < 1e-10

@@ -74,9 +74,16 @@ def task_svd(slices: Tensor) -> TaskSVD:
 
 
 def polar(x: Tensor) -> Tensor:
-    """The polar factor ``P Q^T`` of ``x = P D Q^T``: the nearest matrix with orthonormal columns."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    """The polar factor ``P Q^T`` of ``x = P D Q^T``: the nearest matrix with orthonormal columns.
+
+    When ``x`` is rank-deficient (adapters that share directions) the polar factor is not unique;
+    this returns the canonical one, the partial isometry on the range of ``x`` (singular values below
+    ``max(x.shape) * eps`` times the largest are dropped), so two identical adapters merge to their
+    mean weight instead of picking up arbitrary directions.
+    """
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    keep = s > max(x.shape) * torch.finfo(s.dtype).eps * s.max()
+    return p[:, keep] @ qh[keep]
 
 
 def _merge_weights(stack: LoraStack, weights: Sequence[float] | Tensor) -> Tensor:

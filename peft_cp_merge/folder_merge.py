@@ -34,7 +34,7 @@ from .compression import LoraStack
 from .merge import MergedLora, merge_modules
 from .merge_plan import MergePlan, ModulePlan, plan_merge
 
-__all__ = ["CP_OPTIONS", "MergeResult", "iter_module_stacks", "merge_adapter_folders"]
+__all__ = ["CP_OPTIONS", "MergeResult", "check_output_dir", "iter_module_stacks", "merge_adapter_folders"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,27 @@ def _pad(merged: MergedLora, rank: int) -> MergedLora:
     return MergedLora(lora_A=lora_A, lora_B=lora_B, rel_error=merged.rel_error)
 
 
+def check_output_dir(
+    out_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.PathLike], *, overwrite: bool
+) -> None:
+    """Refuse an output folder that exists (unless ``overwrite``) or that is one of the inputs.
+
+    Raises:
+        ValueError: ``out_dir`` is one of ``adapter_dirs``.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false, or it is not a folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.resolve() in {Path(d).resolve() for d in adapter_dirs}:
+        raise ValueError(f"The output folder {out_dir} is one of the inputs")
+    if out_dir.exists() and (not overwrite or not out_dir.is_dir()):
+        what = (
+            "is not a folder"
+            if not out_dir.is_dir()
+            else "exists (pass overwrite / --overwrite to replace it)"
+        )
+        raise FileExistsError(f"Output {out_dir} {what}")
+
+
 @torch.no_grad()
 def merge_adapter_folders(
     adapter_dirs: Sequence[str | os.PathLike],
@@ -184,10 +205,7 @@ def merge_adapter_folders(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available")
     out_dir = Path(out_dir)
-    if out_dir.resolve() in {Path(d).resolve() for d in adapter_dirs}:
-        raise ValueError(f"The output folder {out_dir} is one of the inputs")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"Output {out_dir} exists (pass overwrite / --overwrite to replace it)")
+    check_output_dir(out_dir, adapter_dirs, overwrite=overwrite)
     plan = plan_merge(
         adapter_dirs, weights=weights, rank=rank, method=method, allow_different_base=allow_different_base
     )

@@ -1,0 +1,217 @@
+"""The ``peft-cp-merge`` command line: parses arguments and calls the library, nothing more.
+
+Each subcommand has an ``_add_<name>_parser`` function that declares its arguments and a
+``run_<name>`` function that calls the matching library function and prints the result:
+
+- ``merge`` -> :func:`~.folder_merge.merge_adapter_folders` (``--dry-run``:
+  :func:`~.merge_plan.plan_merge`),
+- ``analyze`` -> :func:`~.analysis.analyze_adapter_folders` and :mod:`.analysis_report`.
+
+Example::
+
+    peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/
+    peft-cp-merge analyze math/ code/ --rank 8 16 32 --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .adapter_io import AdapterError
+from .analysis import analyze_adapter_folders
+from .analysis_report import format_report, plot_report, write_report_json
+from .cp_init import INITS
+from .folder_merge import CP_OPTIONS, DEFAULT_GROUP_BYTES, check_output_dir, merge_adapter_folders
+from .merge import AGGREGATIONS
+from .merge_plan import METHODS, plan_merge
+
+__all__ = ["build_parser", "main", "run_analyze", "run_merge"]
+
+_PROG = "peft-cp-merge"
+# Errors that mean "the request cannot be carried out as given": reported in one line, exit code 1.
+_USER_ERRORS = (AdapterError, ValueError, FileExistsError, FileNotFoundError)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, or cuda:N")
+    parser.add_argument(
+        "--allow-different-base",
+        action="store_true",
+        help="accept adapters whose configs name different base models (a warning instead of an error)",
+    )
+    parser.add_argument(
+        "--group-mb",
+        type=float,
+        default=DEFAULT_GROUP_BYTES / 2**20,
+        help="MiB of adapter factors read at a time; bounds peak memory (default %(default)g)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+
+def _add_merge_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge LoRA adapter folders into a new adapter folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Merge PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors)\n"
+            "into one adapter from the files alone: no base model is loaded. The result is what\n"
+            "PEFT's add_weighted_adapter(..., combination_type=METHOD) gives in memory, and\n"
+            "PeftModel.from_pretrained(base, OUT_DIR) loads it."
+        ),
+        epilog=(
+            "methods:\n"
+            "  cp   joint CP decomposition of all adapters, rank R (default)\n"
+            "  cat  exact weighted sum, rank = sum of the adapters' ranks (no --rank)\n"
+            "  svd  weighted sum truncated to rank R by its SVD\n"
+            "  tsv  Task Singular Vectors merge, truncated to rank R\n\n"
+            "examples:\n"
+            "  peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/\n"
+            "  peft-cp-merge merge a/ b/ c/ --weights .5 .3 .2 --method cat --out cat/ --dry-run"
+        ),
+    )
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="adapter folders to merge")
+    parser.add_argument(
+        "--weights", nargs="+", type=float, required=True, metavar="W", help="one merge weight per adapter"
+    )
+    parser.add_argument("--rank", type=int, help="rank R of the merged adapter (not with --method cat)")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create")
+    parser.add_argument("--method", choices=METHODS, default="cp", help="merge method (default: cp)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the inputs, print what would be merged, write nothing"
+    )
+    cp = parser.add_argument_group("cp options (defaults: those of peft_cp_merge.merge_modules)")
+    cp.add_argument("--aggregation", choices=AGGREGATIONS, help="how adapter loadings become gains")
+    cp.add_argument("--init", choices=INITS, help="CP-ALS initialisation")
+    cp.add_argument("--n-iter-max", type=int, help="maximum ALS sweeps")
+    cp.add_argument("--tol", type=float, help="ALS stopping tolerance")
+    cp.add_argument("--l2", type=float, help="relative ridge term of the ALS")
+    cp.add_argument("--seed", type=int, help="seed of every random number")
+    _add_common(parser)
+    parser.set_defaults(run=run_merge)
+
+
+def _add_analyze_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="show where adapters interfere, module by module",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Per module: pairwise cosine similarity of the adapters' deltas, TSV interference\n"
+            "(STI_rel), its CP counterpart (CP-STI_rel, specificity) and the CP fit at each --rank,\n"
+            "all computed exactly in the compressed core (definitions: peft_cp_merge.analysis).\n"
+            "Prints the worst modules and a summary by layer depth; with --out also writes\n"
+            "report.json and PNG plots (plots need matplotlib: pip install 'peft-cp-merge[plot]')."
+        ),
+        epilog="example:\n  peft-cp-merge analyze math/ code/ --rank 8 16 32 --out report/",
+    )
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="adapter folders to analyse")
+    parser.add_argument(
+        "--rank",
+        dest="ranks",
+        nargs="+",
+        type=int,
+        metavar="R",
+        help="CP ranks to fit (default: the largest adapter rank r and 2r)",
+    )
+    parser.add_argument("--out", metavar="REPORT_DIR", help="write report.json and plots here")
+    parser.add_argument("--top", type=int, default=15, help="rows in the worst-modules table (default 15)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of CP-ALS (default 0)")
+    _add_common(parser)
+    parser.set_defaults(run=run_analyze)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Merge LoRA adapter folders by a joint CP decomposition, and see where they interfere.",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_merge_parser(subparsers)
+    _add_analyze_parser(subparsers)
+    return parser
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """``merge``: :func:`~.folder_merge.merge_adapter_folders`, or the plan with ``--dry-run``."""
+    if args.dry_run:
+        plan = plan_merge(
+            args.adapters,
+            weights=args.weights,
+            rank=args.rank,
+            method=args.method,
+            allow_different_base=args.allow_different_base,
+        )
+        check_output_dir(args.out, args.adapters, overwrite=args.overwrite)
+        print(plan.format_table())
+        print(f"Dry run: nothing written; would write {args.out}")
+        return 0
+    cp_options = {name: getattr(args, name) for name in CP_OPTIONS if getattr(args, name) is not None}
+    result = merge_adapter_folders(
+        args.adapters,
+        args.out,
+        weights=args.weights,
+        rank=args.rank,
+        method=args.method,
+        device=args.device,
+        overwrite=args.overwrite,
+        allow_different_base=args.allow_different_base,
+        cp_options=cp_options,
+        group_bytes=int(args.group_mb * 2**20),
+        progress=not args.no_progress,
+    )
+    errors = [e for e in result.rel_errors.values() if e is not None]
+    print(
+        f"Wrote {result.out_dir}: method {result.plan.method}, rank {result.plan.rank}, "
+        f"{len(result.plan.modules)} modules in {result.seconds:.1f} s; relative error "
+        f"mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}"
+    )
+    return 0
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """``analyze``: :func:`~.analysis.analyze_adapter_folders`, printed and optionally written."""
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise FileExistsError(f"Report folder {out} exists and is not a folder")
+    report = analyze_adapter_folders(
+        args.adapters,
+        ranks=args.ranks,
+        device=args.device,
+        allow_different_base=args.allow_different_base,
+        seed=args.seed,
+        group_bytes=int(args.group_mb * 2**20),
+        progress=not args.no_progress,
+    )
+    print(format_report(report, top=args.top))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"Wrote {write_report_json(report, out / 'report.json')}")
+        try:
+            for path in plot_report(report, out):
+                print(f"Wrote {path}")
+        except ImportError as exc:
+            print(f"No plots: {exc}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``peft-cp-merge`` and ``python -m peft_cp_merge``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.group_mb <= 0:
+        parser.error(f"--group-mb must be positive, got {args.group_mb}")
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except _USER_ERRORS as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 1

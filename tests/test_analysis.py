@@ -1,0 +1,96 @@
+"""Interference metrics on planted adapters whose answers are known exactly."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from _cli_fixtures import orthonormal, write_adapter
+
+from peft_cp_merge.analysis import analyze_adapter_folders, pairwise_cosine
+from peft_cp_merge.analysis_report import format_report, layer_summary, plot_report, write_report_json
+from peft_cp_merge.baselines import core_slices
+from peft_cp_merge.compression import LoraStack, compress
+
+NAMES = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
+D_OUT, D_IN, R = 10, 9, 2
+
+
+def planted(tmp_path, *, orthogonal: bool):
+    """Two rank-2 adapters per module: in orthogonal subspaces, or identical."""
+    gen = torch.Generator().manual_seed(0)
+    factors = [{}, {}]
+    for name in NAMES:
+        q_out, q_in = orthonormal(D_OUT, 2 * R, gen), orthonormal(D_IN, 2 * R, gen)
+        for i in range(2):
+            block = slice(R * i, R * (i + 1))
+            mix_B, mix_A = (torch.randn(R, R, generator=gen, dtype=torch.float64) for _ in range(2))
+            factors[i][name] = (mix_A @ q_in[:, block].T, q_out[:, block] @ mix_B)
+        if not orthogonal:
+            factors[1][name] = factors[0][name]
+    return [write_adapter(tmp_path / f"ad{i}", factors[i], r=R, lora_alpha=4) for i in range(2)]
+
+
+def test_adapters_in_orthogonal_subspaces_do_not_interfere(tmp_path):
+    report = analyze_adapter_folders(planted(tmp_path, orthogonal=True), ranks=[4], progress=False)
+    assert [m.name for m in report.modules] == list(NAMES)
+    for module in report.modules:
+        assert module.cosine[0][1] == pytest.approx(0.0, abs=1e-12)
+        assert module.sti == pytest.approx(0.0, abs=1e-10)
+        (cp,) = module.cp
+        assert cp.rel_error == pytest.approx(0.0, abs=1e-8)
+        assert cp.cp_sti_rel == pytest.approx(0.0, abs=1e-8)
+        assert cp.specificity == pytest.approx(1.0, abs=1e-8)
+
+
+def test_identical_adapters_have_cosine_one_and_share_every_cp_component(tmp_path):
+    report = analyze_adapter_folders(planted(tmp_path, orthogonal=False), ranks=[2], progress=False)
+    for module in report.modules:
+        assert module.cosine[0][1] == pytest.approx(1.0, abs=1e-12)
+        assert module.sti_rel == pytest.approx(1.0, abs=1e-10)
+        (cp,) = module.cp
+        assert cp.rel_error == pytest.approx(0.0, abs=1e-8)
+        assert cp.cp_sti_rel == pytest.approx(0.0, abs=1e-8)  # shared, not interfering
+        assert cp.specificity == pytest.approx(0.5, abs=1e-8)
+
+
+def test_cosine_in_the_core_equals_the_dense_cosine():
+    gen = torch.Generator().manual_seed(1)
+    lora_A = [torch.randn(1, r, 13, generator=gen, dtype=torch.float64) for r in (3, 2, 4)]
+    lora_B = [torch.randn(1, 17, r, generator=gen, dtype=torch.float64) for r in (3, 2, 4)]
+    stack = LoraStack(lora_A, lora_B, [0.5, -2.0, 1.0])
+    norms, cosine = pairwise_cosine(core_slices(compress(stack).core))
+    dense = stack.to_dense()[0].flatten(0, 1).T  # (N, d_out * d_in)
+    torch.testing.assert_close(norms[0], dense.norm(dim=1))
+    unit = dense / dense.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(cosine[0], unit @ unit.T)
+
+
+def test_report_table_json_and_layer_summary(tmp_path):
+    folders = planted(tmp_path, orthogonal=True)
+    report = analyze_adapter_folders(folders, ranks=[2, 4], progress=False)
+    text = format_report(report)
+    assert "Worst 2 modules (by STI_rel)" in text
+    assert "err@2" in text
+    assert "err@4" in text
+    assert [row["layer"] for row in layer_summary(report)] == [0, 1]
+    data = json.loads(write_report_json(report, tmp_path / "r.json").read_text())
+    assert data["ranks"] == [2, 4]
+    assert data["modules"][0]["cp"][1]["rank"] == 4
+
+
+def test_plots_are_written_or_explained(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    report = analyze_adapter_folders(planted(tmp_path, orthogonal=True), ranks=[2, 4], progress=False)
+    paths = plot_report(report, tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"pip install 'peft-cp-merge\[plot\]'"):
+        plot_report(report, tmp_path)
+
+
+def test_bad_ranks_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="ranks must be positive integers"):
+        analyze_adapter_folders(planted(tmp_path, orthogonal=True), ranks=[0], progress=False)

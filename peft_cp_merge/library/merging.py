@@ -1,0 +1,107 @@
+"""Merging a finished adapter library into one adapter with the "cp" method, in one step."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from peft import LoraConfig
+
+from .manifest import load_library
+
+__all__ = ["WEIGHTINGS", "library_weights", "merge_library"]
+
+WEIGHTINGS = ("size", "uniform")
+
+
+def library_weights(sizes: Sequence[int], weights: str | Sequence[float] = "size") -> list[float]:
+    """Merge weights for clusters of the given sizes.
+
+    ``"size"`` (the default) gives cluster ``i`` the weight ``n_i / n``: the merge is then the
+    data-weighted average of the adapters, which to first order is the update that training one
+    adapter on all the data would make (its loss is the size-weighted sum of the cluster losses).
+    ``"uniform"`` gives every cluster ``1 / k``, favouring rare clusters. The weights sum to 1 in
+    both cases, so a library whose adapters agree merges to that common adapter.
+
+    Args:
+        sizes: Examples per cluster.
+        weights: ``"size"``, ``"uniform"`` or one explicit weight per cluster.
+
+    Raises:
+        ValueError: For an unknown name, or explicit weights of the wrong length or not finite.
+
+    Example:
+        >>> library_weights([30, 10])
+        [0.75, 0.25]
+    """
+    if isinstance(weights, str):
+        if weights not in WEIGHTINGS:
+            raise ValueError(
+                f"Unknown weights {weights!r}; expected one of {WEIGHTINGS} or one number per cluster."
+            )
+        total = sum(sizes)
+        return [size / total if weights == "size" else 1 / len(sizes) for size in sizes]
+    weights = [float(w) for w in weights]
+    if len(weights) != len(sizes) or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"Need {len(sizes)} finite weights, one per cluster; got {weights}.")
+    return weights
+
+
+def merge_library(
+    lib_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    weights: str | Sequence[float] = "size",
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+):
+    """Merges every cluster adapter of a library into one adapter folder with the "cp" method.
+
+    Args:
+        lib_dir: A complete library written by `build_library`.
+        out_dir: The merged adapter folder to write.
+        rank: CP rank of the merged adapter; None for the largest rank among the cluster adapters
+            (the default of ``add_cp_weighted_adapter``).
+        weights: See `library_weights`; cluster-size-proportional by default.
+        overwrite: Replace an existing ``out_dir``.
+        progress: Show a progress bar.
+        **options: Passed on to ``peft_cp_merge.folder_merge.merge_adapter_folders`` (e.g.
+            ``device``, ``cp_options``).
+
+    Returns:
+        The ``MergeResult`` of ``merge_adapter_folders``.
+
+    Raises:
+        FileNotFoundError: If ``lib_dir`` is not a library.
+        ValueError: If the library is incomplete, or for bad weights or options.
+
+    Example:
+        >>> result = merge_library("my_library", "merged_adapter", rank=16)  # doctest: +SKIP
+        >>> result.out_dir  # doctest: +SKIP
+        PosixPath('merged_adapter')
+    """
+    from peft_cp_merge.folder_merge import merge_adapter_folders
+
+    library = load_library(lib_dir)
+    if not library.manifest.complete:
+        raise ValueError(
+            f"The library in {str(lib_dir)!r} is incomplete; run build_library again to finish it."
+        )
+    merge_weights = library_weights(library.manifest.sizes, weights)
+    if rank is None:
+        configs = [LoraConfig.from_pretrained(str(folder)) for folder in library.adapter_dirs]
+        rank = max(max(config.r, *config.rank_pattern.values()) for config in configs)
+    return merge_adapter_folders(
+        library.adapter_dirs,
+        out_dir,
+        weights=merge_weights,
+        method="cp",
+        rank=rank,
+        overwrite=overwrite,
+        progress=progress,
+        **options,
+    )

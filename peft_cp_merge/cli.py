@@ -5,12 +5,15 @@ Each subcommand has an ``_add_<name>_parser`` function that declares its argumen
 
 - ``merge`` -> :func:`~.folder_merge.merge_adapter_folders` (``--dry-run``:
   :func:`~.merge_plan.plan_merge`),
-- ``analyze`` -> :func:`~.analysis.analyze_adapter_folders` and :mod:`.analysis_report`.
+- ``analyze`` -> :func:`~.analysis.analyze_adapter_folders` and :mod:`.analysis_report`,
+- ``build-library`` -> :func:`~.library.build_library` (``merge --library`` merges its adapters).
 
 Example::
 
     peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/
     peft-cp-merge analyze math/ code/ --rank 8 16 32 --out report/
+    peft-cp-merge build-library --data train.jsonl --base-model model/ --k 10 --out library/
+    peft-cp-merge merge --library library/ --rank 16 --out merged/
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .folder_merge import CP_OPTIONS, DEFAULT_GROUP_BYTES, check_output_dir, mer
 from .merge import AGGREGATIONS
 from .merge_plan import METHODS, plan_merge
 
-__all__ = ["build_parser", "main", "run_analyze", "run_merge"]
+__all__ = ["build_parser", "main", "run_analyze", "run_build_library", "run_merge"]
 
 _PROG = "peft-cp-merge"
 # Errors that mean "the request cannot be carried out as given": reported in one line, exit code 1.
@@ -72,12 +75,23 @@ def _add_merge_parser(subparsers) -> None:
             "  tsv  Task Singular Vectors merge, truncated to rank R\n\n"
             "examples:\n"
             "  peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/\n"
-            "  peft-cp-merge merge a/ b/ c/ --weights .5 .3 .2 --method cat --out cat/ --dry-run"
+            "  peft-cp-merge merge a/ b/ c/ --weights .5 .3 .2 --method cat --out cat/ --dry-run\n"
+            "  peft-cp-merge merge --library library/ --rank 16 --out merged/"
         ),
     )
-    parser.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="adapter folders to merge")
+    parser.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="adapter folders to merge")
     parser.add_argument(
-        "--weights", nargs="+", type=float, required=True, metavar="W", help="one merge weight per adapter"
+        "--library",
+        metavar="LIB_DIR",
+        help="merge the cluster adapters of a library from build-library instead (default weights: "
+        "cluster sizes / total, default rank: the largest adapter rank)",
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="one merge weight per adapter (required without --library)",
     )
     parser.add_argument("--rank", type=int, help="rank R of the merged adapter (not with --method cat)")
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create")
@@ -127,6 +141,64 @@ def _add_analyze_parser(subparsers) -> None:
     parser.set_defaults(run=run_analyze)
 
 
+def _add_build_library_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "build-library",
+        help="cluster instructions and train one LoRA adapter per cluster (C-LoRA)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Embed every instruction with a sentence encoder, cluster them with k-means (fitted on\n"
+            "a sample), train one LoRA adapter per cluster and write a library folder with a\n"
+            "library.json manifest. Re-running the same command resumes an interrupted build.\n"
+            "Needs the library extra: pip install 'peft-cp-merge[library]'."
+        ),
+        epilog=(
+            "examples:\n"
+            "  peft-cp-merge build-library --data train.jsonl --base-model model/ --k 10 --out library/\n"
+            "  peft-cp-merge build-library --data train.csv --instruction-field prompt \\\n"
+            "      --response-field answer --base-model model/ --k 4 6 8 10 12 --out library/\n"
+            "      (several --k values: K chosen by silhouette on the sample)\n"
+            "  accelerate launch --multi_gpu --num_processes 2 -m peft_cp_merge build-library ...\n"
+            "      (clusters split across the processes; on CPUs set ACCELERATE_USE_CPU=true)"
+        ),
+    )
+    parser.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl or .csv)")
+    parser.add_argument("--instruction-field", default="instruction", help="field with the instruction")
+    parser.add_argument("--response-field", default="response", help="field with the response")
+    parser.add_argument("--base-model", required=True, metavar="PATH", help="base model folder or name")
+    parser.add_argument(
+        "--out", required=True, metavar="LIB_DIR", help="library folder (resumed if it exists)"
+    )
+    parser.add_argument("--encoder", help="SentenceTransformer name or folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--k", nargs="+", type=int, default=[10], help="K, or candidate Ks (default 10)")
+    parser.add_argument("--sample-fraction", type=float, default=0.2, help="k-means sample (default 0.2)")
+    parser.add_argument(
+        "--min-cluster-size", type=int, default=10, help="merge smaller clusters (default 10)"
+    )
+    parser.add_argument("--seed", type=int, default=42, help="seed of clustering and training (default 42)")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora-r", type=int, default=8, help="adapter rank (default 8)")
+    lora.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
+    lora.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    lora.add_argument("--target-modules", nargs="+", help="modules to adapt (default: PEFT's for the model)")
+    train = parser.add_argument_group("training (the same for every cluster)")
+    train.add_argument("--epochs", type=int, default=1, help="passes over a cluster (default 1)")
+    train.add_argument("--max-steps", type=int, help="optimizer steps per cluster (overrides --epochs)")
+    train.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+    train.add_argument(
+        "--grad-accum", type=int, default=1, help="forward passes per optimizer step (default 1)"
+    )
+    train.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    train.add_argument("--max-length", type=int, default=512, help="tokens per example (default 512)")
+    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="(default no)")
+    train.add_argument(
+        "--prompt-template", default="{instruction}\n", help="prompt format (default: '{instruction}\\n')"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.set_defaults(run=run_build_library)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -136,11 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_merge_parser(subparsers)
     _add_analyze_parser(subparsers)
+    _add_build_library_parser(subparsers)
     return parser
 
 
 def run_merge(args: argparse.Namespace) -> int:
     """``merge``: :func:`~.folder_merge.merge_adapter_folders`, or the plan with ``--dry-run``."""
+    if args.library is not None:
+        if args.adapters:
+            raise ValueError("Give either ADAPTER_DIR arguments or --library, not both")
+        from .library import library_merge_inputs
+
+        inputs = library_merge_inputs(
+            args.library, weights=args.weights or "size", rank=args.rank, method=args.method
+        )
+        args.adapters, args.weights, args.rank = list(inputs.adapter_dirs), list(inputs.weights), inputs.rank
+    elif not args.adapters or args.weights is None:
+        raise ValueError("Give ADAPTER_DIR arguments with --weights, or --library")
     if args.dry_run:
         plan = plan_merge(
             args.adapters,
@@ -202,11 +286,58 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_build_library(args: argparse.Namespace) -> int:
+    """``build-library``: :func:`~.library.build_library` on the examples of ``--data``."""
+    from peft import LoraConfig
+
+    from .library import ClusteringOptions, TrainingOptions, build_library, load_examples
+
+    examples = load_examples(
+        args.data, instruction_field=args.instruction_field, response_field=args.response_field
+    )
+    library = build_library(
+        examples,
+        args.out,
+        base_model=args.base_model,
+        lora_config=LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+        encoder=args.encoder,
+        clustering=ClusteringOptions(
+            k=args.k[0] if len(args.k) == 1 else tuple(args.k),
+            sample_fraction=args.sample_fraction,
+            min_cluster_size=args.min_cluster_size,
+        ),
+        training=TrainingOptions(
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            learning_rate=args.lr,
+            max_length=args.max_length,
+            mixed_precision=args.mixed_precision,
+            prompt_template=args.prompt_template,
+        ),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    manifest = library.manifest
+    scores = ", ".join(f"K={k}: {s:.3f}" for k, s in manifest.k_scores if s is not None)
+    print(f"Wrote {library.path}: {manifest.k} clusters of sizes {list(manifest.sizes)}")
+    if scores:
+        print(f"Silhouette by K: {scores}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``peft-cp-merge`` and ``python -m peft_cp_merge``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.group_mb <= 0:
+    if "group_mb" in vars(args) and args.group_mb <= 0:
         parser.error(f"--group-mb must be positive, got {args.group_mb}")
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -20,7 +20,7 @@ from .clustering import Clustering, ClusteringOptions, cluster_embeddings
 from .data import Example, load_examples
 from .embedding import embed_texts, load_encoder
 from .manifest import ClusterEntry, Library, LibraryManifest, load_library
-from .merging import library_weights, merge_library
+from .merging import LibraryMergeInputs, library_merge_inputs, library_weights, merge_library
 from .training import LoraTrainer, TrainingOptions, TrainingStats
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "Example",
     "Library",
     "LibraryManifest",
+    "LibraryMergeInputs",
     "LoraTrainer",
     "TrainFn",
     "TrainingOptions",
@@ -37,6 +38,7 @@ __all__ = [
     "build_library",
     "cluster_embeddings",
     "embed_texts",
+    "library_merge_inputs",
     "library_weights",
     "load_encoder",
     "load_examples",

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
 
 from .manifest import load_library
 
-__all__ = ["WEIGHTINGS", "library_weights", "merge_library"]
+__all__ = ["WEIGHTINGS", "LibraryMergeInputs", "library_merge_inputs", "library_weights", "merge_library"]
 
 WEIGHTINGS = ("size", "uniform")
 
@@ -49,6 +51,53 @@ def library_weights(sizes: Sequence[int], weights: str | Sequence[float] = "size
     return weights
 
 
+@dataclass(frozen=True)
+class LibraryMergeInputs:
+    """What merging a library hands to ``merge_adapter_folders``.
+
+    Attributes:
+        adapter_dirs: The cluster adapter folders, in cluster order.
+        weights: One merge weight per cluster.
+        rank: Rank of the merged adapter (None for the "cat" method, which keeps every component).
+    """
+
+    adapter_dirs: tuple[Path, ...]
+    weights: tuple[float, ...]
+    rank: int | None
+
+
+def library_merge_inputs(
+    lib_dir: str | os.PathLike,
+    *,
+    weights: str | Sequence[float] = "size",
+    rank: int | None = None,
+    method: str = "cp",
+) -> LibraryMergeInputs:
+    """Resolves a library into adapter folders, merge weights and a rank.
+
+    Args:
+        lib_dir: A complete library written by `build_library`.
+        weights: See `library_weights`.
+        rank: Rank of the merged adapter; None for the largest rank among the cluster adapters
+            (the default of ``add_cp_weighted_adapter``), or for no rank with ``method="cat"``.
+        method: The merge method the inputs are for.
+
+    Raises:
+        FileNotFoundError: If ``lib_dir`` is not a library.
+        ValueError: If the library is incomplete, or for bad weights.
+    """
+    library = load_library(lib_dir)
+    if not library.manifest.complete:
+        raise ValueError(
+            f"The library in {str(lib_dir)!r} is incomplete; run build_library again to finish it."
+        )
+    merge_weights = library_weights(library.manifest.sizes, weights)
+    if rank is None and method != "cat":
+        configs = [LoraConfig.from_pretrained(str(folder)) for folder in library.adapter_dirs]
+        rank = max(max([config.r, *config.rank_pattern.values()]) for config in configs)
+    return LibraryMergeInputs(library.adapter_dirs, tuple(merge_weights), rank)
+
+
 def merge_library(
     lib_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -64,8 +113,7 @@ def merge_library(
     Args:
         lib_dir: A complete library written by `build_library`.
         out_dir: The merged adapter folder to write.
-        rank: CP rank of the merged adapter; None for the largest rank among the cluster adapters
-            (the default of ``add_cp_weighted_adapter``).
+        rank: CP rank of the merged adapter; None for the largest rank among the cluster adapters.
         weights: See `library_weights`; cluster-size-proportional by default.
         overwrite: Replace an existing ``out_dir``.
         progress: Show a progress bar.
@@ -86,21 +134,13 @@ def merge_library(
     """
     from peft_cp_merge.folder_merge import merge_adapter_folders
 
-    library = load_library(lib_dir)
-    if not library.manifest.complete:
-        raise ValueError(
-            f"The library in {str(lib_dir)!r} is incomplete; run build_library again to finish it."
-        )
-    merge_weights = library_weights(library.manifest.sizes, weights)
-    if rank is None:
-        configs = [LoraConfig.from_pretrained(str(folder)) for folder in library.adapter_dirs]
-        rank = max(max(config.r, *config.rank_pattern.values()) for config in configs)
+    inputs = library_merge_inputs(lib_dir, weights=weights, rank=rank)
     return merge_adapter_folders(
-        library.adapter_dirs,
+        inputs.adapter_dirs,
         out_dir,
-        weights=merge_weights,
+        weights=list(inputs.weights),
         method="cp",
-        rank=rank,
+        rank=inputs.rank,
         overwrite=overwrite,
         progress=progress,
         **options,

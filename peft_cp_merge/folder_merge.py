@@ -14,6 +14,7 @@ group plus small per-module cores, whatever the number of layers.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -31,7 +32,8 @@ from tqdm.auto import tqdm
 from .adapter_io import WEIGHTS_NAME, atomic_directory, read_factors, stream_safetensors
 from .baselines import merge_cat, merge_svd, merge_tsv
 from .compression import LoraStack
-from .merge import MergedLora, merge_modules
+from .cp_als import _validate as _validate_cp_options
+from .merge import AGGREGATIONS, MergedLora, merge_modules
 from .merge_plan import MergePlan, ModulePlan, plan_merge
 
 __all__ = ["CP_OPTIONS", "MergeResult", "check_output_dir", "iter_module_stacks", "merge_adapter_folders"]
@@ -126,6 +128,28 @@ def _pad(merged: MergedLora, rank: int) -> MergedLora:
     return MergedLora(lora_A=lora_A, lora_B=lora_B, rel_error=merged.rel_error)
 
 
+def _check_cp_options(rank: int | None, cp_options: Mapping[str, object]) -> None:
+    """Check the CP options with the engine's own rules, before anything is read."""
+    defaults = {
+        k: p.default for k, p in inspect.signature(merge_modules).parameters.items() if k in CP_OPTIONS
+    }
+    options = {**defaults, **cp_options}
+    if options["aggregation"] not in AGGREGATIONS:
+        raise ValueError(
+            f"Unknown aggregation {options['aggregation']!r}; expected one of {list(AGGREGATIONS)}"
+        )
+    if rank is not None:  # a missing rank is reported by plan_merge
+        _validate_cp_options(
+            rank,
+            options["init"],
+            options["n_iter_max"],
+            options["tol"],
+            options["l2"],
+            options["seed"],
+            torch.float64,
+        )
+
+
 def check_output_dir(
     out_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.PathLike], *, overwrite: bool
 ) -> None:
@@ -199,6 +223,8 @@ def merge_adapter_folders(
         raise ValueError(
             f"Unknown cp_options {sorted(set(cp_options) - set(CP_OPTIONS))}; expected {list(CP_OPTIONS)}"
         )
+    if method == "cp":
+        _check_cp_options(rank, cp_options)
     if group_bytes < 1:
         raise ValueError(f"group_bytes must be positive, got {group_bytes}")
     device = torch.device(device)

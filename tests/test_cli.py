@@ -113,6 +113,7 @@ def test_provenance_is_recorded_beside_the_config(adapters, tmp_path):
         (["--weights", "1", "--rank", "4"], "Got 1 weights for 2 adapters"),
         (["--weights", "1", "1", "--method", "cat", "--rank", "4"], "do not pass a rank"),
         (["--weights", "1", "1"], "needs a positive integer rank"),
+        (["--weights", "1", "1", "--rank", "4", "--n-iter-max", "0"], "n_iter_max must be an integer >= 1"),
     ],
 )
 def test_bad_arguments_are_refused_and_nothing_is_written(adapters, tmp_path, capsys, extra, message):

@@ -24,13 +24,13 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["CompressedLora", "LoraCore", "LoraStack", "compress", "lift"]
+__all__ = ["CompressedLora", "LoraCore", "LoraStack", "compress", "compress_many", "lift"]
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,8 @@ class CompressedLora:
     rank_A: Tensor
 
 
-def _orthonormal_basis(gram: Tensor, rcond: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Split ``X = Q R`` from ``gram = X^T X`` (float64, ``(batch, M, M)``).
+def _eigh_basis(gram: Tensor, rcond: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Split ``X = Q R`` from ``gram = X^T X`` (float64, ``(batch, M, M)``) by an eigendecomposition.
 
     Returns ``basis`` with ``Q = X @ basis``, ``r_factor`` with ``X ~= Q @ r_factor`` (exact up to the
     dropped directions) and the number of kept directions. Dropped directions get zero columns in
@@ -189,27 +189,102 @@ def _orthonormal_basis(gram: Tensor, rcond: float) -> tuple[Tensor, Tensor, Tens
     return basis, r_factor, keep.sum(dim=1)
 
 
-def _gram(x: Tensor, *, rows: bool) -> Tensor:
-    """``x^T x`` (columns) or ``x x^T`` (rows) accumulated in float64."""
-    x = x.to(torch.float64)
-    return x @ x.mT if rows else x.mT @ x
+def _equilibrated_gram(x: Tensor, *, rows: bool, exact: bool = False) -> tuple[Tensor, Tensor]:
+    """Gram matrix of ``x``'s columns (or rows) after scaling each to unit norm, and the norms.
+
+    ``x`` is ``(batch, d, M)`` (columns) or ``(batch, M, d)`` (rows). The product runs in the input's
+    precision (float32 at least; float64 when ``exact``); the scaling is applied to the small Gram
+    matrix (exact), the result is float64. Zero columns keep a norm of 1.
+    """
+    work = torch.float64 if exact else torch.promote_types(x.dtype, torch.float32)
+    x = x.to(work)
+    gram = (x @ x.mT if rows else x.mT @ x).to(torch.float64)
+    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return gram / (norms[:, :, None] * norms[:, None, :]), norms
+
+
+def _bases(
+    gram: Tensor, norms: Tensor, exact_gram: Callable[[Tensor], Tensor], gram_dtype: torch.dtype, rcond: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bases of a batch of concatenated factors from their equilibrated Gram matrices.
+
+    Cholesky (``R = L^T``) where the Gram is well conditioned for the precision it was computed in;
+    elsewhere (shared directions, zero adapters) the float64 Gram from ``exact_gram(index)`` and an
+    eigendecomposition with cutoff ``rcond``. The equilibration is undone at the end.
+    """
+    chol, info = torch.linalg.cholesky_ex(gram)
+    diag = chol.diagonal(dim1=-2, dim2=-1)
+    ratio = (diag.amin(dim=-1) / diag.amax(dim=-1).clamp_min(1e-300)).square()
+    ok = (info == 0) & (ratio >= _CHOLESKY_MIN_RATIO[gram_dtype])
+    r_factor = chol.mT.contiguous()
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
+    basis = torch.linalg.solve_triangular(torch.where(ok[:, None, None], r_factor, eye), eye, upper=True)
+    rank = torch.full(info.shape, gram.shape[-1], dtype=torch.long, device=info.device)
+    if not ok.all():
+        index = (~ok).nonzero().squeeze(1)
+        basis[index], r_factor[index], rank[index] = _eigh_basis(exact_gram(index), rcond)
+    return basis / norms[:, :, None], r_factor * norms[:, None, :], rank
+
+
+# A Cholesky basis from a Gram in this precision is used when (min/max diagonal of L)^2 is at least
+# this, i.e. the equilibrated factors have condition <~ 10 (float32) or <~ 1e4 (float64): the basis is
+# then orthonormal to ~1e-5 / ~1e-8. Otherwise the exact eigendecomposition path is taken.
+_CHOLESKY_MIN_RATIO = {torch.float32: 1e-2, torch.float64: 1e-8}
+
+
+def _default_rcond(m: int) -> float:
+    return 1e3 * m * torch.finfo(torch.float64).eps
+
+
+def _compress_factors(stacks: Sequence[LoraStack], rcond: float | None) -> CompressedLora:
+    """Core and bases of stacks of the same ranks, batched along the first dimension.
+
+    ``Bcat`` / ``Acat`` are formed one stack at a time and only their Gram matrices are kept, so
+    memory stays at one stack's worth; the small factorisations run batched.
+    """
+    ranks = stacks[0].ranks
+    m = sum(ranks)
+    rcond = _default_rcond(m) if rcond is None else rcond
+    sizes = [stack.shape[0] for stack in stacks]
+    offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    gram_dtype = torch.promote_types(stacks[0].lora_A[0].dtype, torch.float32)
+    parts = []
+    for cat, rows in ((LoraStack.cat_B, False), (LoraStack.cat_A, True)):
+        grams, norms = zip(*(_equilibrated_gram(cat(stack), rows=rows) for stack in stacks), strict=True)
+
+        def exact_gram(index: Tensor, cat=cat, rows=rows) -> Tensor:
+            out = []
+            for i in index.tolist():
+                piece = next(p for p in range(len(stacks)) if offsets[p] <= i < offsets[p + 1])
+                x = cat(stacks[piece])[i - offsets[piece] : i - offsets[piece] + 1]
+                out.append(_equilibrated_gram(x, rows=rows, exact=True)[0])
+            return torch.cat(out)
+
+        parts.append(_bases(torch.cat(grams), torch.cat(norms), exact_gram, gram_dtype, rcond))
+    (basis_B, r_B, rank_B), (basis_A, r_A, rank_A) = parts
+    scales = torch.cat([stack.scales for stack in stacks]).to(r_B)
+    column_scales = torch.repeat_interleave(scales, torch.tensor(ranks, device=r_B.device), dim=1)
+    core = LoraCore(left=r_B * column_scales[:, None, :], right=r_A, ranks=ranks)
+    return CompressedLora(core=core, basis_B=basis_B, basis_A=basis_A, rank_B=rank_B, rank_A=rank_A)
 
 
 @torch.no_grad()
 def compress(stack: LoraStack, *, rcond: float | None = None) -> CompressedLora:
     """Compute the exact core of a LoRA stack.
 
-    Cost: ``O((d_out + d_in) M^2)`` for the two Gram matrices plus ``O(M^3)``; memory ``O(M^2)`` per
-    batch element beyond the inputs. The core and bases are float64 on the inputs' device.
+    Cost: ``O((d_out + d_in) M^2)`` for the two Gram matrices (in the adapters' precision, float32 at
+    least) plus ``O(M^3)`` in float64; memory ``O(M^2)`` per batch element beyond the inputs.
+    Bases come from a Cholesky factorisation of the equilibrated Gram matrices where that is well
+    conditioned, else from a float64 eigendecomposition that drops directions below ``rcond``.
 
     Args:
         stack: The adapters.
-        rcond: Relative cutoff on the Gram eigenvalues (squared singular values); directions below
-            ``rcond * largest`` are dropped. Default ``1e3 * M * eps(float64)``, about ``1e-13 * M``,
-            i.e. singular values below ~``3e-7 * sqrt(M)`` of the largest.
+        rcond: Relative cutoff on the float64 Gram eigenvalues (squared singular values of the
+            column-normalised factors) in the eigendecomposition path. Default ``1e3 * M * eps``.
 
     Returns:
-        The :class:`CompressedLora`.
+        The :class:`CompressedLora`, float64 on the inputs' device.
 
     Example:
         >>> A = [torch.randn(1, 4, 30), torch.randn(1, 2, 30)]
@@ -218,16 +293,19 @@ def compress(stack: LoraStack, *, rcond: float | None = None) -> CompressedLora:
         >>> c.core.shape
         (1, 6, 6, 2)
     """
-    m = sum(stack.ranks)
-    if rcond is None:
-        rcond = 1e3 * m * torch.finfo(torch.float64).eps
-    basis_B, r_B, rank_B = _orthonormal_basis(_gram(stack.cat_B(), rows=False), rcond)
-    basis_A, r_A, rank_A = _orthonormal_basis(_gram(stack.cat_A(), rows=True), rcond)
-    column_scales = torch.repeat_interleave(
-        stack.scales.to(r_B), torch.tensor(stack.ranks, device=r_B.device), dim=1
-    )
-    core = LoraCore(left=r_B * column_scales[:, None, :], right=r_A, ranks=stack.ranks)
-    return CompressedLora(core=core, basis_B=basis_B, basis_A=basis_A, rank_B=rank_B, rank_A=rank_A)
+    return _compress_factors([stack], rcond)
+
+
+@torch.no_grad()
+def compress_many(stacks: Sequence[LoraStack], *, rcond: float | None = None) -> CompressedLora:
+    """:func:`compress` for stacks of the same ranks (any shapes), batched along the first dimension.
+
+    The Gram matrices are formed one stack at a time, so memory stays at one stack's worth.
+    """
+    ranks = {stack.ranks for stack in stacks}
+    if len(ranks) != 1:
+        raise ValueError(f"compress_many needs stacks of the same ranks, got {sorted(ranks)}")
+    return _compress_factors(stacks, rcond)
 
 
 @torch.no_grad()

@@ -43,7 +43,18 @@ class DenseForm:
     def norm_sq(self) -> Tensor:
         return self.tensor.square().sum(dim=(1, 2, 3))
 
-    def mttkrp(self, factors: Factors, mode: int) -> Tensor:
+    def to_working(self, factors: Factors) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
+        """ALS working state from core-coordinate factors: (factors, projections, Gram matrices)."""
+        return list(factors), [None, None, None], [f.mT @ f for f in factors]
+
+    def from_working(self, state: list[Tensor]) -> Factors:
+        return tuple(state)
+
+    def metric(self, factor: Tensor, mode: int) -> tuple[Tensor, None]:
+        """``F^T F`` of a freshly updated factor (and no projection to remember)."""
+        return factor.mT @ factor, None
+
+    def mttkrp(self, factors: Factors, mode: int, projections=None) -> Tensor:
         """``X_(mode) (khatri-rao of the other factors)``: ``(batch, I_mode, R)``."""
         a, b, c = factors
         if mode == 0:
@@ -107,15 +118,37 @@ class KruskalCoreForm:
         g1, g2 = self._input_grams()
         return (g1 * g2 * self._task_mask()).sum(dim=(1, 2))
 
-    def mttkrp(self, factors: Factors, mode: int) -> Tensor:
-        a, b, c = factors
-        # Projections of our factors on the core's rank-M factors, (batch, M, R) each.
-        proj_c = torch.einsum("km,bkr->bmr", self.indicator, c)
-        if mode == 0:
-            return self.left @ ((self.right.mT @ b) * proj_c)
-        if mode == 1:
-            return self.right @ ((self.left.mT @ a) * proj_c)
-        return torch.einsum("km,bmr->bkr", self.indicator, (self.left.mT @ a) * (self.right.mT @ b))
+    # The ALS works in coefficient space for modes 0 and 1: a = left @ alpha, b = right @ beta. Every
+    # update then needs one O(M^2 R) product (the projection left^T a = (left^T left) alpha) instead
+    # of two, and the projections are carried along as working state.
+
+    def to_working(self, factors: Factors) -> tuple[list[Tensor], list[Tensor | None], list[Tensor]]:
+        """ALS working state from core-coordinate factors: (factors, projections, Gram matrices).
+
+        Modes 0 and 1 keep the start factors as placeholders: each is overwritten by coefficients at
+        its first update, before anything reads it; only their projections and Grams are used.
+        """
+        a, b, _ = factors
+        projections = [self.left.mT @ a, self.right.mT @ b, None]
+        return list(factors), projections, [f.mT @ f for f in factors]
+
+    def from_working(self, state: list[Tensor]) -> Factors:
+        return (self.left @ state[0], self.right @ state[1], state[2])
+
+    def metric(self, factor: Tensor, mode: int) -> tuple[Tensor, Tensor | None]:
+        """``F^T F`` of a freshly updated factor in true coordinates, and its projection ``P^T F``."""
+        if mode == 2:
+            return factor.mT @ factor, None
+        projection = self._input_grams()[mode] @ factor
+        return factor.mT @ projection, projection
+
+    def mttkrp(self, factors: Factors, mode: int, projections=None) -> Tensor:
+        """MTTKRP in working coordinates: coefficient space for modes 0 and 1 (``left^-1`` applied)."""
+        proj_a, proj_b, _ = projections
+        if mode == 2:
+            return torch.einsum("km,bmr->bkr", self.indicator, proj_a * proj_b)
+        proj_c = torch.einsum("km,bkr->bmr", self.indicator, factors[2])
+        return (proj_b if mode == 0 else proj_a) * proj_c
 
     def unfolding_gram(self, mode: int) -> Tensor:
         g1, g2 = self._input_grams()

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .compression import CompressedLora, LoraCore, LoraStack, compress, lift
+from .compression import CompressedLora, LoraStack, compress_many, lift
 from .cp_als import CPResult, canonicalize, cp_als
 
 __all__ = ["AGGREGATIONS", "DISJOINT_THRESHOLD", "MergedLora", "aggregate_loadings", "merge_modules"]
@@ -91,7 +91,7 @@ def merge_modules(
     aggregation: str = "weighted",
     init: str = "gevd",
     n_iter_max: int = 200,
-    tol: float = 1e-8,
+    tol: float = 1e-5,
     l2: float = 0.0,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -138,30 +138,23 @@ def merge_modules(
             raise ValueError(f"Module {name!r}: {w.numel()} weights for {stack.shape[3]} adapters")
         merge_weights[name] = w
 
-    compressed: dict[str, CompressedLora] = {}
     groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
-    for name, stack in tqdm(
-        stacks.items(), desc="Compressing", unit="module", disable=None if progress is None else not progress
-    ):
-        if device is not None:
-            stack = _stack_to(stack, device)
-        compressed[name] = compress(stack)
+    for name, stack in stacks.items():
         groups[stack.ranks].append(name)
 
     merged: dict[str, MergedLora] = {}
+    bar = tqdm(
+        total=len(stacks), desc="CP merge", unit="module", disable=None if progress is None else not progress
+    )
     for ranks, names in groups.items():
+        group = [stacks[n] if device is None else _stack_to(stacks[n], device) for n in names]
+        compressed = compress_many(group)
         effective_rank = min(rank, sum(ranks))
-        core = LoraCore.cat([compressed[n].core for n in names])
-        logger.info("CP-ALS on %d modules, core %s, rank %d", len(names), core.shape[1:], effective_rank)
+        logger.info(
+            "CP-ALS on %d modules, core %s, rank %d", len(names), compressed.core.shape[1:], effective_rank
+        )
         result = cp_als(
-            core,
-            effective_rank,
-            init=init,
-            n_iter_max=n_iter_max,
-            tol=tol,
-            l2=l2,
-            seed=seed,
-            progress=progress,
+            compressed.core, effective_rank, init=init, n_iter_max=n_iter_max, tol=tol, l2=l2, seed=seed
         )
         if (~result.converged).any():
             logger.info(
@@ -169,8 +162,10 @@ def merge_modules(
             )
         for index, name in enumerate(names):
             merged[name] = _lift_module(
-                stacks[name], compressed[name], result, index, merge_weights[name], aggregation, rank, device
+                group[index], stacks[name], compressed, result, index, merge_weights[name], aggregation, rank
             )
+            bar.update(1)
+    bar.close()
     return {name: merged[name] for name in stacks}
 
 
@@ -182,31 +177,29 @@ def _stack_to(stack: LoraStack, device: torch.device | str) -> LoraStack:
 
 def _lift_module(
     stack: LoraStack,
+    original: LoraStack,
     compressed: CompressedLora,
     result: CPResult,
     index: int,
     merge_weights: Tensor,
     aggregation: str,
     rank: int,
-    device: torch.device | str | None,
 ) -> MergedLora:
     """Lift one module's core-space factors and turn loadings into its merged A and B."""
-    home, out_dtype = stack.lora_A[0].device, stack.lora_A[0].dtype
-    if device is not None:
-        stack = _stack_to(stack, device)
-    core_factors = tuple(f[index : index + 1] for f in result.factors)
+    here = slice(index, index + 1)
     factors = (
-        lift(core_factors[0], stack.cat_B(), compressed.basis_B, out_dtype=torch.float64),
-        lift(core_factors[1], stack.cat_A().mT, compressed.basis_A, out_dtype=torch.float64),
-        core_factors[2].to(torch.float64),
+        lift(result.factors[0][here], stack.cat_B(), compressed.basis_B[here], out_dtype=torch.float64),
+        lift(result.factors[1][here], stack.cat_A().mT, compressed.basis_A[here], out_dtype=torch.float64),
+        result.factors[2][here].to(torch.float64),
     )
-    cp_weights, (u, v, c) = canonicalize(result.weights[index : index + 1].to(torch.float64), factors)
+    cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
     gains = aggregate_loadings(cp_weights, c, merge_weights[None].to(c.device), aggregation)[0]
     lora_A, lora_B = _split_gains(u[0], v[0], gains)
     missing = rank - lora_A.shape[0]
     if missing > 0:
         lora_A = torch.cat([lora_A, lora_A.new_zeros(missing, lora_A.shape[1])])
         lora_B = torch.cat([lora_B, lora_B.new_zeros(lora_B.shape[0], missing)], dim=1)
+    home, out_dtype = original.lora_A[0].device, original.lora_A[0].dtype
     return MergedLora(
         lora_A=lora_A.to(dtype=out_dtype, device=home),
         lora_B=lora_B.to(dtype=out_dtype, device=home),

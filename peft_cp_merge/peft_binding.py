@@ -219,7 +219,7 @@ def add_cp_weighted_adapter(
     aggregation: str = "weighted",
     init: str = "gevd",
     n_iter_max: int = 200,
-    tol: float = 1e-8,
+    tol: float = 1e-5,
     l2: float = 0.0,
     seed: int = 0,
     device: torch.device | str | None = None,

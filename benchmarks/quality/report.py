@@ -1,0 +1,247 @@
+"""Collect the cached evaluations into ``results/quality_results.json``, a Markdown table and a plot.
+
+Normalised accuracy of a model on a task = its accuracy / the individual (per-task) adapter's
+accuracy on the same split; averaged over tasks. Confidence intervals: paired bootstrap over test
+items, resampled within each task (2000 resamples, seed 0); the individual adapter's items are
+resampled together with the compared models', so the denominator varies too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from stages import EVALS, SPECS, lam_value
+from tasks import TASKS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SVD_BASED = ("svd_r8", "svd_r32", "tsv_r48", "knots_ties")
+N_BOOT = 2000
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def references() -> dict:
+    ref = {}
+    for split in ("validation", "test"):
+        ref[split] = {
+            "base": _load(EVALS / "reference" / f"base.{split}.json"),
+            "multitask": _load(EVALS / "reference" / f"multitask.{split}.json"),
+        }
+        indiv = {"accuracy": {}, "correct": {}}
+        for task in TASKS:
+            r = _load(EVALS / "reference" / f"individual_{task}.{split}.json")
+            if r:
+                indiv["accuracy"][task] = r["accuracy"][task]
+                indiv["correct"][task] = r["correct"][task]
+        ref[split]["individual"] = indiv if len(indiv["accuracy"]) == len(TASKS) else None
+    return ref
+
+
+def summarise(result: dict, individual: dict) -> dict:
+    acc = result["accuracy"]
+    norm = {
+        t: acc[t] / individual["accuracy"][t] if individual["accuracy"][t] > 0 else float("nan")
+        for t in TASKS
+    }
+    return {
+        "accuracy": acc,
+        "mean_accuracy": sum(acc.values()) / len(acc),
+        "normalised": norm,
+        "mean_normalised": sum(norm.values()) / len(norm),
+    }
+
+
+def merges_of(part: str, ref: dict) -> dict:
+    out = {}
+    for spec in SPECS:
+        test = _load(EVALS / part / f"{spec.id}.test.json")
+        info = _load(EVALS / part / f"{spec.id}.merge.json")
+        if not test or not info:
+            continue
+        n = len(info["adapters"])
+        val = {}
+        for lam in spec.lams:
+            v = _load(EVALS / part / f"{spec.id}.lam{lam_value(lam, n):.3f}.validation.json")
+            if v:
+                val[str(lam)] = summarise(v, ref["validation"]["individual"])
+        out[spec.id] = {
+            "params": spec.params,
+            "chosen_lam": test["lam"],
+            "merge_seconds": info["merge_seconds"],
+            "extra": {k: v for k, v in info.items() if k == "homogeneity_rel_diff"},
+            "validation": val,
+            "test": summarise(test, ref["test"]["individual"]),
+            "correct": test["correct"],
+        }
+        if spec.id == "cat":
+            mean = _load(EVALS / part / f"cat.lam{1 / n:.3f}.test.json") or (
+                test if test["lam"] == "1/N" else None
+            )
+            if mean:
+                out["linear_average"] = {
+                    "params": {"lam": "1/N"},
+                    "chosen_lam": "1/N (fixed)",
+                    "merge_seconds": info["merge_seconds"],
+                    "validation": {},
+                    "test": summarise(mean, ref["test"]["individual"]),
+                    "correct": mean["correct"],
+                }
+    return out
+
+
+def best_by_validation(merged: dict, ids) -> str | None:
+    """The spec among ``ids`` with the best mean validation normalised accuracy at its chosen lam."""
+    scored = []
+    for i in ids:
+        if i in merged and merged[i]["validation"]:
+            v = merged[i]["validation"].get(str(merged[i]["chosen_lam"]))
+            if v:
+                scored.append((v["mean_normalised"], i))
+    return max(scored)[1] if scored else None
+
+
+def bootstrap_gap(a: dict, b: dict, individual: dict, *, seed: int = 0) -> dict:
+    """Paired bootstrap of mean normalised accuracy(a) - (b) over test items (stratified by task)."""
+    rng = random.Random(seed)
+
+    def norm_gap(idx: dict) -> float:
+        gaps = []
+        for t in TASKS:
+            ind = sum(individual[t][i] for i in idx[t])
+            if ind == 0:
+                continue
+            gaps.append((sum(a[t][i] for i in idx[t]) - sum(b[t][i] for i in idx[t])) / ind)
+        return sum(gaps) / len(gaps)
+
+    full = {t: list(range(len(a[t]))) for t in TASKS}
+    point = norm_gap(full)
+    draws = sorted(
+        norm_gap({t: [rng.randrange(len(a[t])) for _ in a[t]] for t in TASKS}) for _ in range(N_BOOT)
+    )
+    return {
+        "gap": point,
+        "ci95": [draws[int(0.025 * N_BOOT)], draws[int(0.975 * N_BOOT) - 1]],
+        "n_boot": N_BOOT,
+    }
+
+
+def collect() -> dict:
+    from run import environment
+
+    ref = references()
+    indiv_test = ref["test"]["individual"]
+    out = {
+        "environment": environment(),
+        "tasks": list(TASKS),
+        "reference": {},
+        "parts": {},
+        "comparisons": {},
+    }
+    for name in ("base", "multitask"):
+        if ref["test"][name] and indiv_test:
+            out["reference"][name] = summarise(ref["test"][name], indiv_test)
+    if indiv_test:
+        out["reference"]["individual"] = {
+            "accuracy": indiv_test["accuracy"],
+            "mean_accuracy": sum(indiv_test["accuracy"].values()) / len(TASKS),
+            "validation_accuracy": ref["validation"]["individual"]["accuracy"],
+        }
+    for part in ("per_task", "clora"):
+        if (EVALS / part).exists() and indiv_test:
+            out["parts"][part] = merges_of(part, ref)
+    per_task = out["parts"].get("per_task", {})
+    cp_ids = [s.id for s in SPECS if s.kind == "cp"]
+    best_cp, best_svd = best_by_validation(per_task, cp_ids), best_by_validation(per_task, SVD_BASED)
+    comp = out["comparisons"]
+    if best_cp and best_svd:
+        comp["cp_vs_best_svd_based"] = {
+            "cp": best_cp,
+            "baseline": best_svd,
+            "selected_on": "validation",
+            **bootstrap_gap(
+                per_task[best_cp]["correct"], per_task[best_svd]["correct"], indiv_test["correct"]
+            ),
+        }
+        for other in ("linear_average", "cat"):
+            if other in per_task:
+                comp[f"cp_vs_{other}"] = {
+                    "cp": best_cp,
+                    "baseline": other,
+                    **bootstrap_gap(
+                        per_task[best_cp]["correct"], per_task[other]["correct"], indiv_test["correct"]
+                    ),
+                }
+    clora = out["parts"].get("clora", {})
+    best_clora_cp = best_by_validation(clora, cp_ids)
+    if best_cp and best_clora_cp:
+        comp["clora_cp_vs_per_task_cp"] = {
+            "clora": best_clora_cp,
+            "per_task": best_cp,
+            **bootstrap_gap(
+                clora[best_clora_cp]["correct"], per_task[best_cp]["correct"], indiv_test["correct"]
+            ),
+        }
+    return out
+
+
+def markdown(res: dict) -> str:
+    tasks = res["tasks"]
+    head = "| model | lam (val) | " + " | ".join(tasks) + " | mean acc | mean norm. | merge s |"
+    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+
+    def row(name, summ, lam="", secs=""):
+        accs = " | ".join(f"{summ['accuracy'][t]:.2f}" for t in tasks)
+        norm = f"{summ['mean_normalised']:.3f}" if "mean_normalised" in summ else "1.000"
+        return f"| {name} | {lam} | {accs} | {summ['mean_accuracy']:.3f} | {norm} | {secs} |"
+
+    for name in ("base", "individual", "multitask"):
+        if name in res["reference"]:
+            lines.append(row(name, res["reference"][name]))
+    for part, merged in res["parts"].items():
+        for spec_id, m in merged.items():
+            secs = f"{m['merge_seconds']:.1f}"
+            lines.append(row(f"{part}: {spec_id}", m["test"], str(m["chosen_lam"]), secs))
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = [], []
+    for part, merged in res["parts"].items():
+        for spec_id, m in merged.items():
+            labels.append(f"{part}:{spec_id}")
+            values.append(m["test"]["mean_normalised"])
+    if "multitask" in res["reference"]:
+        labels.append("multitask")
+        values.append(res["reference"]["multitask"]["mean_normalised"])
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(labels) + 1))
+    ax.barh(range(len(labels)), values, color=["C1" if "cp_" in lab else "C0" for lab in labels])
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.axvline(0.9, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("mean normalised test accuracy (merged / individual)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report() -> None:
+    res = collect()
+    RESULTS.mkdir(exist_ok=True)
+    slim = json.loads(json.dumps(res))
+    for merged in slim["parts"].values():
+        for m in merged.values():
+            m.pop("correct", None)
+    (RESULTS / "quality_results.json").write_text(json.dumps(slim, indent=2))
+    (RESULTS / "table.md").write_text(markdown(res) + "\n")
+    if res["parts"]:
+        plot(res, RESULTS / "normalised_accuracy.png")
+    print(markdown(res))
+    print(json.dumps(res["comparisons"], indent=2))

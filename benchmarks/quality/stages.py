@@ -1,0 +1,225 @@
+"""The evaluation stages: reference models (base, individual, multi-task) and the merges.
+
+Protocol (never tuned on test): every merge method is computed once with weights 1 and timed; its
+deltas are scaled by each ``lam`` of its grid and evaluated on the VALIDATION split; the ``lam``
+with the best mean validation accuracy (ties: the first in grid order) is evaluated on the TEST
+split. ``cat`` is also tested at ``lam = 1/N`` (the linear average, not tuned). All results are
+cached as JSON under ``results/evals/<part>/`` and skipped when present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import merges
+import torch
+from base_model import load
+from evaluate import evaluate
+from tasks import TASKS, load_tasks
+from train import ADAPTERS, load_lora_deltas, load_lora_factors
+
+EVALS = Path(__file__).resolve().parent / "results" / "evals"
+log = logging.getLogger("quality")
+
+SUM_GRID = ("1/N", 0.3, 0.5)  # methods whose merge is ~ the sum of the deltas
+DISJOINT_GRID = (0.3, 0.5, 1.0)  # methods that keep one adapter's component at full strength
+AUTHORS_GRID = (0.3, 1.0, 3.0)  # loadings dropped: the scale left by ALS is arbitrary
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One merge configuration; ``lams`` is the validation grid of its scaling coefficient."""
+
+    id: str
+    kind: str
+    lams: tuple
+    params: dict = field(default_factory=dict)
+
+
+SPECS = (
+    Spec("cat", "core", ("1/N", 0.3, 0.5, 1.0), {"method": "cat"}),
+    Spec("svd_r8", "core", SUM_GRID, {"method": "svd", "rank": 8}),
+    Spec("tsv_r48", "core", SUM_GRID, {"method": "tsv", "rank": 48}),
+    Spec("knots_ties", "knots", DISJOINT_GRID),
+    Spec("cp_weighted_r8", "cp", SUM_GRID, {"cp_rank": 8, "cp_aggregation": "weighted"}),
+    Spec("cp_disjoint_r8", "cp", DISJOINT_GRID, {"cp_rank": 8, "cp_aggregation": "disjoint"}),
+    Spec("cp_weighted_r16", "cp", SUM_GRID, {"cp_rank": 16, "cp_aggregation": "weighted"}),
+    Spec("cp_disjoint_r16", "cp", DISJOINT_GRID, {"cp_rank": 16, "cp_aggregation": "disjoint"}),
+    Spec("cp_weighted_r32", "cp", SUM_GRID, {"cp_rank": 32, "cp_aggregation": "weighted"}),
+    Spec("cp_disjoint_r32", "cp", DISJOINT_GRID, {"cp_rank": 32, "cp_aggregation": "disjoint"}),
+    Spec("authors_cp_r4", "authors", AUTHORS_GRID),
+    Spec("svd_r32", "core", SUM_GRID, {"method": "svd", "rank": 32}),
+    Spec("peft_ties", "peft", DISJOINT_GRID, {"combination_type": "ties", "density": 0.5}),
+    Spec("peft_ties_svd", "peft", DISJOINT_GRID, {"combination_type": "ties_svd", "density": 0.5}),
+)
+CLORA_SPECS = ("cat", "svd_r8", "tsv_r48", "cp_weighted_r16", "cp_disjoint_r16", "cp_weighted_r32")
+
+
+def lam_value(lam, n: int) -> float:
+    return 1.0 / n if lam == "1/N" else float(lam)
+
+
+def _split(data, split: str, tasks=TASKS) -> dict:
+    return {t: data[t][split] for t in tasks}
+
+
+def cached_eval(path: Path, model, tok, data: dict, deltas, *, keep_predictions: bool, meta: dict) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = evaluate(model, tok, data, deltas)
+    if not keep_predictions:
+        result.pop("predictions")
+    result.update(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    mean = sum(result["accuracy"].values()) / len(result["accuracy"])
+    log.info("%s: mean %.3f %s (%.0f s)", path.name, mean, result["accuracy"], result["seconds"])
+    return result
+
+
+def stage_reference() -> None:
+    """Base model, each individual adapter on its own task, and the multi-task adapter (val + test)."""
+    model, tok = load()
+    data = load_tasks()
+    out = EVALS / "reference"
+    for split in ("validation", "test"):
+        keep = split == "test"
+        cached_eval(
+            out / f"base.{split}.json",
+            model,
+            tok,
+            _split(data, split),
+            None,
+            keep_predictions=keep,
+            meta={"model": "base", "split": split},
+        )
+        for task in TASKS:
+            deltas = load_lora_deltas(ADAPTERS / task)
+            cached_eval(
+                out / f"individual_{task}.{split}.json",
+                model,
+                tok,
+                _split(data, split, [task]),
+                deltas,
+                keep_predictions=keep,
+                meta={"model": f"individual_{task}", "split": split},
+            )
+        if (ADAPTERS / "multitask" / "train_record.json").exists():
+            cached_eval(
+                out / f"multitask.{split}.json",
+                model,
+                tok,
+                _split(data, split),
+                load_lora_deltas(ADAPTERS / "multitask"),
+                keep_predictions=keep,
+                meta={"model": "multitask", "split": split},
+            )
+
+
+def _adapter_dirs(part: str) -> dict[str, Path]:
+    if part == "per_task":
+        return {t: ADAPTERS / t for t in TASKS}
+    if part == "clora":
+        from library_build import clora_adapter_dirs
+
+        return clora_adapter_dirs()
+    raise SystemExit(f"Unknown part {part!r}; expected per_task or clora")
+
+
+def _compute(spec: Spec, factors, base, dirs: dict[str, Path], cache: dict) -> tuple[dict, float, dict]:
+    """The spec's deltas at weights 1, the merge seconds, and extra facts to record."""
+    if spec.kind == "core":
+        deltas, secs = merges.timed(
+            merges.merge_core_baseline, factors, spec.params["method"], rank=spec.params.get("rank")
+        )
+        return deltas, secs, {}
+    if spec.kind == "knots":
+        deltas, secs = merges.timed(merges.merge_knots, factors)
+        return deltas, secs, {}
+    if spec.kind == "authors":
+        deltas, secs = merges.timed(merges.merge_authors_cp, factors)
+        return deltas, secs, {}
+    if "peft" not in cache:
+        cache["peft"] = merges.peft_model_with(base, dirs)
+    peft_model, names = cache["peft"], list(dirs)
+    if spec.kind == "cp":
+        deltas, secs = merges.timed(merges.peft_merge, peft_model, names, "cp", **spec.params)
+        err = merges.check_homogeneous(
+            peft_model, names, deltas, rank=spec.params["cp_rank"], aggregation=spec.params["cp_aggregation"]
+        )
+        return deltas, secs, {"homogeneity_rel_diff": err}
+    deltas, secs = merges.timed(merges.peft_merge, peft_model, names, **spec.params)
+    return deltas, secs, {}
+
+
+def stage_merge(part: str) -> None:
+    """Validation grid, then test at the chosen scaling, for every spec (``BENCH_METHODS`` filters)."""
+    only = os.environ.get("BENCH_METHODS")
+    specs = [
+        s
+        for s in SPECS
+        if (part == "per_task" or s.id in CLORA_SPECS) and (not only or s.id in only.split(","))
+    ]
+    model, tok = load()
+    data = load_tasks()
+    dirs = _adapter_dirs(part)
+    n = len(dirs)
+    factor_maps = {name: load_lora_factors(d) for name, d in dirs.items()}
+    modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
+    factors = {m: [factor_maps[name][m] for name in dirs] for m in modules}
+    out, cache = EVALS / part, {}
+    for spec in specs:
+        test_path = out / f"{spec.id}.test.json"
+        if test_path.exists():
+            continue
+        deltas, secs, extra = _compute(spec, factors, model, dirs, cache)
+        info = {
+            "spec": spec.id,
+            "kind": spec.kind,
+            "params": spec.params,
+            "merge_seconds": secs,
+            "adapters": list(dirs),
+            **extra,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{spec.id}.merge.json").write_text(json.dumps(info, indent=2))
+        log.info("merged %s in %.1f s %s", spec.id, secs, extra)
+        val = {}
+        for lam in spec.lams:
+            scaled = {m: lam_value(lam, n) * d for m, d in deltas.items()}
+            result = cached_eval(
+                out / f"{spec.id}.lam{lam_value(lam, n):.3f}.validation.json",
+                model,
+                tok,
+                _split(data, "validation"),
+                scaled,
+                keep_predictions=False,
+                meta={"spec": spec.id, "lam": lam, "split": "validation"},
+            )
+            val[lam] = sum(result["accuracy"].values()) / len(result["accuracy"])
+        best = max(spec.lams, key=lambda lam: (val[lam], -spec.lams.index(lam)))
+        tests = [best] + (["1/N"] if spec.id == "cat" and best != "1/N" else [])
+        for lam in tests:
+            scaled = {m: lam_value(lam, n) * d for m, d in deltas.items()}
+            name = test_path if lam == best else out / f"{spec.id}.lam{lam_value(lam, n):.3f}.test.json"
+            cached_eval(
+                name,
+                model,
+                tok,
+                _split(data, "test"),
+                scaled,
+                keep_predictions=True,
+                meta={
+                    "spec": spec.id,
+                    "lam": lam,
+                    "split": "test",
+                    "chosen_on_validation": lam == best,
+                    "validation_means": {str(k): v for k, v in val.items()},
+                },
+            )
+        del deltas
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -95,8 +95,10 @@ def _solve_normal_equations(hadamard: Tensor, mttkrp: Tensor, l2: float) -> Tens
         ridge = l2 * hadamard.diagonal(dim1=1, dim2=2).mean(dim=1)
         hadamard = hadamard + ridge[:, None, None] * torch.eye(hadamard.shape[1]).to(hadamard)
     factor, info = torch.linalg.cholesky_ex(hadamard)
-    inverse = torch.cholesky_inverse(factor)
     bad = info != 0
+    if bad.any():  # keep cholesky_inverse away from failed factors; their rows are replaced below
+        factor = torch.where(bad[:, None, None], torch.eye(factor.shape[1]).to(factor), factor)
+    inverse = torch.cholesky_inverse(factor)
     if bad.any():
         inverse[bad] = torch.linalg.pinv(hadamard[bad], hermitian=True)
     return mttkrp @ inverse
@@ -223,7 +225,9 @@ def cp_als(
             factors ``(batch, d_out, R)``, ``(batch, d_in, R)``, ``(batch, N, R)``).
         rank: Number of components ``R``.
         init: ``"gevd"`` (algebraic start, exact for CP rank <= R; falls back to ``"svd"`` where it
-            does not apply), ``"svd"`` (leading singular vectors of the unfoldings), ``"random"``, or
+            does not apply; for LoRA input with ``R >= sum(r_i)`` the exact rank-``sum(r_i)``
+            decomposition is returned without iterating), ``"svd"`` (leading singular vectors of
+            the unfoldings), ``"random"``, or
             three initial factors ``(batch, dim, R)`` in the input's coordinates (for a LoRA stack
             ``d_out``, ``d_in``, ``N``; they are projected onto the stack's column spaces).
         n_iter_max: Maximum number of ALS sweeps.
@@ -268,13 +272,19 @@ def cp_als(
     else:
         raise ValueError(f"Expected a Tensor, LoraCore or LoraStack, got {type(tensor).__name__}")
 
-    if isinstance(init, tuple | list):
-        factors = _given_init(init, form, rank, tensor, compressed)
+    if isinstance(form, KruskalCoreForm) and init == "gevd" and rank >= form.left.shape[2]:
+        # The core is itself a CP of rank M = sum(r_i): with R >= M it is the exact answer.
+        weights, factors = form.exact_decomposition(rank)
+        n_iter = torch.zeros(weights.shape[0], dtype=torch.long, device=weights.device)
+        converged = torch.ones_like(n_iter, dtype=torch.bool)
     else:
-        factors = initialize(form, rank, init=init, seed=seed)
-    weights, factors, n_iter, converged = _run_als(
-        form, factors, n_iter_max=n_iter_max, tol=tol, l2=l2, progress=progress
-    )
+        if isinstance(init, tuple | list):
+            factors = _given_init(init, form, rank, tensor, compressed)
+        else:
+            factors = initialize(form, rank, init=init, seed=seed)
+        weights, factors, n_iter, converged = _run_als(
+            form, factors, n_iter_max=n_iter_max, tol=tol, l2=l2, progress=progress
+        )
     norm_sq = form.norm_sq()
     residual_sq = form.residual_sq(weights, factors)
     rel_error = torch.where(norm_sq > 0, residual_sq.sqrt() / norm_sq.sqrt().clamp_min(1e-300), 0.0)

@@ -10,9 +10,9 @@ subspaces, take two random mixtures ``W1, W2`` of the projected frontal slices; 
 ``W1 W2^-1`` are the mode-1 factor, and each component's mode-2 and mode-3 vectors follow from a
 rank-1 fit. It is exact on tensors of CP rank ``<= R`` and lands near the optimum on noisy ones,
 where plain ALS from an SVD start can need thousands of iterations (DESIGN.md section 2). It needs
-``R <= I``, ``R <= J`` and ``K >= 2``. For a LoRA core and ``R >= M`` the core's own rank-``M``
-factors are the algebraic solution and are used as they are. Elsewhere, or for batch elements
-where it breaks down (singular mixtures), it falls back to ``svd``.
+``R <= I``, ``R <= J`` and ``K >= 2``; elsewhere, or for batch elements where it breaks down
+(singular mixtures), it falls back to ``svd``. (For a LoRA core with ``R >= M`` :func:`~.cp_als.cp_als`
+needs no start at all: the core's own factors are an exact CP.)
 """
 
 from __future__ import annotations
@@ -67,22 +67,9 @@ def _real_eigenvectors(matrix: Tensor) -> Tensor:
     return torch.where(take_imag, eigvecs.imag, eigvecs.real)
 
 
-def _own_factors(form: KruskalCoreForm, rank: int, generator: torch.Generator) -> Factors:
-    """The core's own rank-``M`` factors (an exact CP), padded with random unit columns to ``rank``."""
-    batch, m = form.left.shape[0], form.left.shape[2]
-    own = (form.left, form.right, form.indicator.expand(batch, -1, -1))
-    padded = []
-    for factor in own:
-        pad = _normalize_columns(_randn((batch, factor.shape[1], rank - m), generator, form.left))
-        padded.append(torch.cat([_normalize_columns(factor), pad], dim=2))
-    return tuple(padded)
-
-
 def gevd_init(form: DenseForm | KruskalCoreForm, rank: int, generator: torch.Generator) -> Factors:
     """Algebraic initialisation by a generalised eigenvalue decomposition; see the module docstring."""
     batch, dim1, dim2, dim3 = form.shape
-    if isinstance(form, KruskalCoreForm) and rank >= form.left.shape[2]:
-        return _own_factors(form, rank, generator)
     if rank > min(dim1, dim2) or dim3 < 2:
         logger.debug("gevd init needs R <= I, J and K >= 2 (R=%d, shape %s); using svd", rank, form.shape)
         return svd_init(form, rank, generator)

@@ -110,6 +110,14 @@ class KruskalCoreForm:
             self._grams = (self.left.mT @ self.left, self.right.mT @ self.right)
         return self._grams
 
+    def exact_decomposition(self, rank: int) -> tuple[Tensor, Factors]:
+        """The core's own rank-``M`` CP (weights 1), padded with zero components to ``rank >= M``."""
+        batch, m = self.left.shape[0], self.left.shape[2]
+        factors = (self.left, self.right, self.indicator.expand(batch, -1, -1))
+        factors = tuple(torch.nn.functional.pad(f, (0, rank - m)) for f in factors)
+        weights = torch.nn.functional.pad(torch.ones(batch, m).to(self.left), (0, rank - m))
+        return weights, factors
+
     def _task_mask(self) -> Tensor:
         """``E^T E``: 1 where two columns belong to the same adapter."""
         return self.indicator.mT @ self.indicator

@@ -49,6 +49,15 @@ def test_rank_at_least_the_total_input_rank_is_exact_and_padded(rank):
     assert torch.equal(merged.lora_A[9:], torch.zeros(rank - 9, 20, dtype=torch.float64))
 
 
+def test_rank_at_least_the_total_rank_is_exact_when_adapters_share_directions():
+    stack = random_stack([4, 4, 4])
+    shared_A = [torch.cat([stack.lora_A[0][:, :2], a[:, 2:]], dim=1) for a in stack.lora_A]
+    shared = LoraStack(shared_A, stack.lora_B, [1.0, 1.0, 1.0])
+    merged = merge_modules({"m": shared}, {"m": [1.0, 1.0, 1.0]}, rank=16)["m"]
+    expected = _weighted_sum(shared, [1.0, 1.0, 1.0])
+    assert (_delta(merged) - expected).norm() / expected.norm() < 1e-8
+
+
 def test_a_single_adapter_reproduces_itself():
     stack = random_stack([6], scales=[2.0])
     merged = merge_modules({"m": stack}, {"m": [1.0]}, rank=6)["m"]

@@ -1,0 +1,373 @@
+"""Speed and memory of combination_type="cp" against the method authors' dense CP and PEFT's "svd".
+
+Three measurements, written to one JSON file with the machine, versions and date:
+
+1. ``compare``: the same PEFT model (hidden 1024, 8 layers x q_proj, v_proj; N = 4 and 10 LoRA
+   adapters of rank 16), merged side by side in one run by
+   - ours: ``add_weighted_adapter(..., combination_type="cp", cp_rank=R)`` for R = 4 and 16;
+   - the authors' method (microsoft/mttl ``CPMergeAfter``): tensorly ``parafac`` on the dense
+     N x d_in x d_out stack of each module, rank 4, init="random", random_state=42, tensorly defaults
+     otherwise; merged delta = factors[1] @ factors[2].T (timed from the adapters to the merged deltas);
+   - PEFT: ``add_weighted_adapter(..., combination_type="svd", svd_rank=16)``.
+2. ``mistral``: our merge on a Mistral-7B-shaped adapter set (q,k,v,o,gate,up,down in each of 32
+   layers, N = 10, r = 16, R = 16) through :func:`peft_cp_merge.merge_modules`, the engine behind
+   ``add_weighted_adapter`` (a 7B base model does not fit this machine's memory and is not needed).
+3. ``memory``: in a fresh subprocess, the extra peak resident memory of that merge (VmHWM after the
+   merge minus VmRSS before it, with the high-water mark reset in between) against the size of the
+   input A/B factors.
+
+Timings are medians over ``--repeats`` runs (the dense tensorly method: one run, summed over modules).
+
+Usage::
+
+    python benchmarks/speed.py                      # everything, 1 thread, results/speed.json
+    python benchmarks/speed.py --parts mistral memory --threads 2
+    python benchmarks/speed.py --table benchmarks/results/speed.json   # print the README table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+MISTRAL_SHAPES = {  # name: (d_out, d_in)
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+}
+
+
+def _machine(threads: int, device: str) -> dict:
+    import peft
+    import torch
+
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if "model name" in line
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import tensorly
+
+        info["tensorly"] = tensorly.__version__
+    except ImportError:
+        info["tensorly"] = None
+    return info
+
+
+def _median_time(fn, repeats: int, sync) -> tuple[float, list[float]]:
+    times = []
+    for i in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn(i)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def _toy_peft_model(n_adapters: int, *, hidden: int, layers: int, rank: int, device: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(hidden, hidden, bias=False)
+            self.v_proj = nn.Linear(hidden, hidden, bias=False)
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(layers))
+
+    torch.manual_seed(0)
+    config = {
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+        "init_lora_weights": False,
+    }
+    model = get_peft_model(Toy().to(device), LoraConfig(**config), adapter_name="task0")
+    for i in range(1, n_adapters):
+        model.add_adapter(f"task{i}", LoraConfig(**config))
+    return model
+
+
+def _tensorly_authors_merge(model, adapters: list[str]) -> tuple[float, list[float]]:
+    """The mttl CPMergeAfter recipe on every LoRA module; returns its time and relative errors."""
+    import numpy as np
+    import tensorly as tl
+    from peft.tuners.lora import LoraLayer
+    from tensorly.decomposition import parafac
+
+    tl.set_backend("numpy")
+    errors = []
+    start = time.perf_counter()
+    for layer in model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        stack = np.stack(
+            [layer.get_delta_weight(a).T.detach().cpu().numpy() for a in adapters]
+        )  # N x d_in x d_out
+        cp = parafac(stack, rank=4, init="random", random_state=42)
+        merged = cp.factors[1] @ cp.factors[2].T  # the authors' merge: loadings dropped
+        errors.append(float(np.linalg.norm(stack - tl.cp_to_tensor(cp)) / np.linalg.norm(stack)))
+        del merged
+    return time.perf_counter() - start, errors
+
+
+def _compare_one(n_adapters: int, args, sync) -> dict:
+    import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
+
+    model = _toy_peft_model(n_adapters, hidden=1024, layers=8, rank=16, device=args.device)
+    adapters = [f"task{i}" for i in range(n_adapters)]
+    weights = [1.0 / n_adapters] * n_adapters
+    row = {"n_adapters": n_adapters, "hidden": 1024, "layers": 8, "modules": 16, "lora_rank": 16}
+    for cp_rank in (4, 16):
+        reports = []
+
+        def run_cp(i, cp_rank=cp_rank, reports=reports):
+            name = f"cp{cp_rank}_{i}"
+            options = {"combination_type": "cp", "cp_rank": cp_rank, "cp_progress": False}
+            reports.append(model.add_weighted_adapter(adapters, weights, name, **options))
+
+        row[f"cp_rank{cp_rank}_s"], row[f"cp_rank{cp_rank}_runs_s"] = _median_time(run_cp, args.repeats, sync)
+        row[f"cp_rank{cp_rank}_rel_error_mean"] = statistics.mean(reports[-1].rel_error.values())
+        for i in range(args.repeats):
+            model.delete_adapter(f"cp{cp_rank}_{i}")
+
+    def run_svd(i):
+        model.add_weighted_adapter(adapters, weights, f"svd_{i}", combination_type="svd", svd_rank=16)
+
+    row["peft_svd_s"], row["peft_svd_runs_s"] = _median_time(run_svd, args.repeats, sync)
+    if not args.skip_tensorly:
+        row["tensorly_authors_s"], errors = _tensorly_authors_merge(model, adapters)
+        row["tensorly_authors_rel_error_mean"] = statistics.mean(errors)
+        row["speedup_vs_tensorly_same_rank"] = row["tensorly_authors_s"] / row["cp_rank4_s"]
+    row["speedup_vs_peft_svd"] = row["peft_svd_s"] / row["cp_rank16_s"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def part_compare(args, sync) -> list[dict]:
+    return [_compare_one(n_adapters, args, sync) for n_adapters in args.n_adapters]
+
+
+def _mistral_stacks(layers: int, n_adapters: int, rank: int, device: str):
+    import torch
+
+    from peft_cp_merge import LoraStack
+
+    gen = torch.Generator().manual_seed(0)
+    stacks = {}
+    for layer in range(layers):
+        for name, (d_out, d_in) in MISTRAL_SHAPES.items():
+            lora_A = [
+                torch.randn(1, rank, d_in, generator=gen).mul_(0.02).to(device) for _ in range(n_adapters)
+            ]
+            lora_B = [
+                torch.randn(1, d_out, rank, generator=gen).mul_(0.02).to(device) for _ in range(n_adapters)
+            ]
+            stacks[f"layers.{layer}.{name}"] = LoraStack(lora_A, lora_B, [2.0] * n_adapters)
+    return stacks
+
+
+def part_mistral(args, sync) -> dict:
+    from peft_cp_merge import merge_modules
+
+    stacks = _mistral_stacks(args.layers, 10, 16, args.device)
+    weights = {name: [0.1] * 10 for name in stacks}
+    results = []
+
+    def run(i):
+        results.append(merge_modules(stacks, weights, rank=16, progress=False))
+
+    median, runs = _median_time(run, args.repeats, sync)
+    errors = [m.rel_error for m in results[-1].values()]
+    input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
+    row = {
+        "layers": args.layers,
+        "modules": len(stacks),
+        "n_adapters": 10,
+        "lora_rank": 16,
+        "cp_rank": 16,
+        "input_GB": input_bytes / 1e9,
+        "merge_s": median,
+        "merge_runs_s": runs,
+        "rel_error_mean": statistics.mean(errors),
+        "target_s": 10.0,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def part_memory_child(args) -> dict:
+    """Runs in a fresh process: extra peak RSS of one Mistral-shaped merge."""
+    from peft_cp_merge import merge_modules
+
+    stacks = _mistral_stacks(args.layers, 10, 16, "cpu")
+    weights = {name: [0.1] * 10 for name in stacks}
+    input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before_kb = _status_kb("VmRSS")
+    merge_modules(stacks, weights, rank=16, progress=False)
+    extra = (_status_kb("VmHWM") - before_kb) * 1024
+    return {
+        "layers": args.layers,
+        "input_GB": input_bytes / 1e9,
+        "extra_peak_GB": extra / 1e9,
+        "extra_peak_over_input": extra / input_bytes,
+        "target_ratio": 2.0,
+    }
+
+
+def part_memory(args) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        "--layers",
+        str(args.layers),
+        "--threads",
+        str(args.threads),
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def print_table(path: Path) -> None:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    print(
+        f"Measured {m['date']} on {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch thread(s), "
+        f"{m['device']}), torch {m['torch']}, peft {m['peft']}, tensorly {m['tensorly']}.\n"
+    )
+    if "compare" in data:
+        print(
+            "| N | ours cp R=4 | ours cp R=16 | PEFT svd R=16 | tensorly dense CP R=4 (authors) "
+            "| vs tensorly (R=4/R=4) | vs PEFT svd (R=16) |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for r in data["compare"]:
+            tly = f"{r['tensorly_authors_s']:.1f} s" if "tensorly_authors_s" in r else "not run"
+            up = f"{r['speedup_vs_tensorly_same_rank']:.0f}x" if "speedup_vs_tensorly_same_rank" in r else "-"
+            cells = [
+                f"{r['cp_rank4_s']:.3f} s",
+                f"{r['cp_rank16_s']:.3f} s",
+                f"{r['peft_svd_s']:.2f} s",
+                tly,
+                up,
+            ]
+            print(f"| {r['n_adapters']} | " + " | ".join(cells) + f" | {r['speedup_vs_peft_svd']:.1f}x |")
+    if "mistral" in data:
+        r = data["mistral"]
+        runs = ", ".join(f"{t:.1f}" for t in r["merge_runs_s"])
+        print(
+            f"\nMistral-7B-shaped set ({r['modules']} modules, N = 10, r = 16, R = 16, "
+            f"{r['input_GB']:.2f} GB of fp32 factors): median {r['merge_s']:.1f} s (runs: {runs})."
+        )
+    if "memory" in data:
+        r = data["memory"]
+        print(
+            f"Extra peak memory of that merge: {r['extra_peak_GB']:.2f} GB = "
+            f"{r['extra_peak_over_input']:.2f}x the input factors ({r['input_GB']:.2f} GB)."
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["compare", "mistral", "memory"],
+        choices=["compare", "mistral", "memory"],
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch/BLAS threads (1 resists noisy neighbours)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=32, help="layers of the Mistral-shaped set")
+    parser.add_argument("--n-adapters", type=int, nargs="+", default=[4, 10])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--skip-tensorly", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed.json")
+    parser.add_argument("--table", type=Path, help="print the README table of a results file and exit")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.table:
+        print_table(args.table)
+        return
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(part_memory_child(args)))
+        return
+
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    results = {"machine": _machine(args.threads, args.device)}
+    if "mistral" in args.parts:
+        results["mistral"] = part_mistral(args, sync)
+    if "memory" in args.parts and args.device == "cpu":
+        results["memory"] = part_memory(args)
+    if "compare" in args.parts:
+        results["compare"] = part_compare(args, sync)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    print_table(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ from .compression import CompressedLora, LoraCore, LoraStack, compress, lift
 from .cp_init import INITS, initialize
 from .cp_operators import DenseForm, Factors, KruskalCoreForm, factor_grams
 
-__all__ = ["CPResult", "canonicalize", "cp_als"]
+__all__ = ["CPResult", "canonicalize", "check_options", "cp_als"]
 
 # Below this cheap relative error the cancellation in ||X||^2 + ||X_hat||^2 - 2<X, X_hat> (about
 # sqrt(eps) = 1e-8 in float64) starts to matter, and the exact residual is used instead.
@@ -114,7 +114,11 @@ def _condition(factors: Factors) -> Tensor:
     return torch.stack(conds).amax(dim=0)
 
 
-def _validate(rank: int, init: str, n_iter_max: int, tol: float, l2: float, seed: int, dtype) -> None:
+def check_options(
+    rank: int, init: str, n_iter_max: int, tol: float, l2: float, seed: int, dtype=torch.float64
+) -> None:
+    """Raise a ``ValueError`` naming the first bad CP-ALS option (for callers that check early)."""
+
     def is_int(x):
         return isinstance(x, int) and not isinstance(x, bool)
 
@@ -251,7 +255,7 @@ def cp_als(
         >>> bool((result.rel_error < 1e-6).all())
         True
     """
-    _validate(rank, "svd" if isinstance(init, tuple | list) else init, n_iter_max, tol, l2, seed, dtype)
+    check_options(rank, "svd" if isinstance(init, tuple | list) else init, n_iter_max, tol, l2, seed, dtype)
     compressed: CompressedLora | None = None
     if isinstance(tensor, LoraStack):
         _check_finite(*tensor.lora_A, *tensor.lora_B, tensor.scales)

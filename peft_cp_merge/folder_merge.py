@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .adapter_io import WEIGHTS_NAME, atomic_directory, read_factors, stream_safetensors
 from .baselines import merge_cat, merge_svd, merge_tsv
 from .compression import LoraStack
-from .cp_als import _validate as _validate_cp_options
+from .cp_als import check_options
 from .merge import AGGREGATIONS, MergedLora, merge_modules
 from .merge_plan import MergePlan, ModulePlan, plan_merge
 
@@ -139,7 +139,7 @@ def _check_cp_options(rank: int | None, cp_options: Mapping[str, object]) -> Non
             f"Unknown aggregation {options['aggregation']!r}; expected one of {list(AGGREGATIONS)}"
         )
     if rank is not None:  # a missing rank is reported by plan_merge
-        _validate_cp_options(
+        check_options(
             rank,
             options["init"],
             options["n_iter_max"],

@@ -27,7 +27,7 @@ from peft.utils import _freeze_adapter
 from torch import Tensor
 
 from .compression import LoraStack
-from .cp_als import _validate as _validate_cp_options
+from .cp_als import check_options
 from .merge import AGGREGATIONS, MergedLora, merge_modules
 
 __all__ = ["CPMergeReport", "add_cp_weighted_adapter", "is_registered", "register", "unregister"]
@@ -266,12 +266,10 @@ def add_cp_weighted_adapter(
     weights = _validate(lora_model, adapters, weights, adapter_name)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
-    if rank is not None:
-        _validate_cp_options(rank, init, n_iter_max, tol, l2, seed, torch.float64)
+    check_options(1 if rank is None else rank, init, n_iter_max, tol, l2, seed)
     stacks, module_weights, layers = _collect_stacks(lora_model, adapters, weights)
     if rank is None:
         rank = max(max(stack.ranks) for stack in stacks.values())
-    _validate_cp_options(rank, init, n_iter_max, tol, l2, seed, torch.float64)
     if device is None:
         device = next(iter(stacks.values())).lora_A[0].device
 

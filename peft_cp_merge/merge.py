@@ -96,6 +96,7 @@ def merge_modules(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool | None = False,
+    max_core_bytes: int = 2**31,
 ) -> dict[str, MergedLora]:
     """Merge the adapters of many modules, batching every core of the same shape into one CP-ALS.
 
@@ -113,7 +114,11 @@ def merge_modules(
         seed: Seed of every random number used.
         device: Where to compute (default: where each stack lives). Results come back on the
             stack's device and dtype.
-        progress: Show progress bars.
+        progress: Show a progress bar (``None``: on a terminal only).
+        max_core_bytes: Memory budget of one batched CP-ALS call. All modules of one core shape go
+            into one call unless their float64 cores (about ``32 M^2`` bytes each, ``M = sum r_i``)
+            exceed it; then they are split into chunks. The default (2 GiB) holds 2,600 modules at
+            ``M = 160`` (N = 10, r = 16), or 6 at ``M = 3200`` (N = 50, r = 64).
 
     Returns:
         Module name -> :class:`MergedLora`, with factors of rank exactly ``rank``.
@@ -146,7 +151,12 @@ def merge_modules(
     bar = tqdm(
         total=len(stacks), desc="CP merge", unit="module", disable=None if progress is None else not progress
     )
-    for ranks, names in groups.items():
+    chunks = [
+        (ranks, names[start : start + _chunk_size(sum(ranks), max_core_bytes)])
+        for ranks, names in groups.items()
+        for start in range(0, len(names), _chunk_size(sum(ranks), max_core_bytes))
+    ]
+    for ranks, names in chunks:
         group = [stacks[n] if device is None else _stack_to(stacks[n], device) for n in names]
         compressed = compress_many(group)
         effective_rank = min(rank, sum(ranks))
@@ -167,6 +177,11 @@ def merge_modules(
             bar.update(1)
     bar.close()
     return {name: merged[name] for name in stacks}
+
+
+def _chunk_size(m: int, max_core_bytes: int) -> int:
+    """Modules per batched CP-ALS call: float64 cores take about 4 M^2 doubles per module."""
+    return max(1, max_core_bytes // (4 * m * m * 8))
 
 
 def _stack_to(stack: LoraStack, device: torch.device | str) -> LoraStack:

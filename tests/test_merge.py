@@ -111,6 +111,26 @@ def test_modules_of_different_core_shapes_are_batched_separately_with_the_same_r
         assert torch.allclose(_delta(alone), _delta(together[name]), atol=1e-10)
 
 
+def test_a_small_memory_budget_splits_the_batch_without_changing_results(monkeypatch):
+    import peft_cp_merge.merge as merge_module
+
+    stacks = {f"m{i}": random_stack([3, 3], seed=i) for i in range(5)}
+    weights = {name: [1.0, 0.5] for name in stacks}
+    calls = []
+    real_cp_als = merge_module.cp_als
+
+    def counting_cp_als(core, *args, **kwargs):
+        calls.append(core.shape[0])
+        return real_cp_als(core, *args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "cp_als", counting_cp_als)
+    whole = merge_modules(stacks, weights, rank=4, tol=1e-12)
+    chunked = merge_modules(stacks, weights, rank=4, tol=1e-12, max_core_bytes=2 * 4 * 36 * 8)
+    assert calls == [5, 2, 2, 1]
+    for name in stacks:
+        assert torch.allclose(_delta(whole[name]), _delta(chunked[name]), atol=1e-8)
+
+
 def test_float32_adapters_give_float32_factors():
     stack = random_stack([4, 4], dtype=torch.float32)
     merged = merge_modules({"m": stack}, {"m": [1.0, 1.0]}, rank=8)["m"]

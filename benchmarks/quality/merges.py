@@ -15,7 +15,8 @@ Methods (N adapters; DESIGN.md sections 1, 3, 4):
   on the per-task ``S V_i^T``, ``dW = U merged`` (dense, per module).
 - ``ties`` / ``ties_svd``: PEFT's own ``add_weighted_adapter`` with density 0.5.
 - ``authors_cp``: the authors' variant: tensorly ``parafac`` on the dense ``(N, d_in, d_out)`` stack,
-  rank 4, ``init="random"``, ``random_state=42``; ``dW = (factors[1] @ factors[2].T)^T``.
+  rank 4, ``init="random"``, ``random_state=42``; ``dW = (factors[1] @ factors[2].T)^T``, then
+  norm-matched to ``sum_i dW_i`` (see :func:`merge_authors_cp`).
 - ``cp``: ours, ``add_weighted_adapter(..., combination_type="cp", cp_rank=R, cp_aggregation=...)``.
 """
 
@@ -91,18 +92,37 @@ def merge_knots(factors: Factors, *, density: float = 0.2) -> Deltas:
 
 
 @torch.no_grad()
-def merge_authors_cp(factors: Factors, *, rank: int = 4, random_state: int = 42) -> Deltas:
-    """The authors' CPMergeAfter: tensorly parafac on the dense stack, loadings dropped."""
+def merge_authors_cp(factors: Factors, *, rank: int = 4, random_state: int = 42) -> tuple[Deltas, dict]:
+    """The authors' CPMergeAfter: tensorly parafac on the dense stack, loadings dropped.
+
+    As coded, the scale of ``factors[1] @ factors[2].T`` is whatever ALS left outside the dropped
+    task factor (from a random init it came out ~1e5 times the sum of the deltas here), and each
+    component's sign is arbitrary once its loadings are dropped. So the delta is returned
+    norm-matched: rescaled per module to the Frobenius norm of ``sum_i dW_i`` (our addition, to give
+    the variant a usable scale; the signs are kept as ALS left them). Also returns the median raw
+    norm ratio and the share of modules whose merged delta points against the sum (cosine < 0).
+    """
     import tensorly as tl
     from tensorly.decomposition import parafac
 
     tl.set_backend("numpy")
-    out = {}
+    out, ratios, against = {}, [], 0
     for module, fs in factors.items():
-        stack = torch.stack([(s * b @ a).T for a, b, s in fs]).numpy()  # (N, d_in, d_out)
+        dense = [s * b @ a for a, b, s in fs]
+        stack = torch.stack([d.T for d in dense]).double().numpy()  # (N, d_in, d_out)
         _, cp_factors = parafac(stack, rank=rank, init="random", random_state=random_state)
-        out[module] = torch.from_numpy(cp_factors[1] @ cp_factors[2].T).T.float().contiguous()
-    return out
+        raw = torch.from_numpy(cp_factors[1] @ cp_factors[2].T).T.float().contiguous()
+        total = torch.stack(dense).sum(0)
+        ratio = float(raw.norm() / total.norm())
+        ratios.append(ratio)
+        against += int(float((raw * total).sum()) < 0)
+        out[module] = raw / max(ratio, 1e-30)
+    ratios.sort()
+    return out, {
+        "raw_norm_ratio_median": ratios[len(ratios) // 2],
+        "modules_against_sum": against,
+        "modules": len(ratios),
+    }
 
 
 def peft_model_with(base: torch.nn.Module, adapter_dirs: dict[str, Path]):

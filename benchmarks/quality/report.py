@@ -72,7 +72,7 @@ def merges_of(part: str, ref: dict) -> dict:
             "params": spec.params,
             "chosen_lam": test["lam"],
             "merge_seconds": info["merge_seconds"],
-            "extra": {k: v for k, v in info.items() if k == "homogeneity_rel_diff"},
+            "extra": {k: v for k, v in info.items() if k not in ("spec", "kind", "params", "merge_seconds")},
             "validation": val,
             "test": summarise(test, ref["test"]["individual"]),
             "correct": test["correct"],
@@ -127,6 +127,23 @@ def bootstrap_gap(a: dict, b: dict, individual: dict, *, seed: int = 0) -> dict:
         "ci95": [draws[int(0.025 * N_BOOT)], draws[int(0.975 * N_BOOT) - 1]],
         "n_boot": N_BOOT,
     }
+
+
+def data_fingerprint() -> dict:
+    """Split sizes and a sha256 of every (task, split, prompt, answer), to tie results to the data."""
+    import hashlib
+
+    from stages import VAL_ITEMS
+    from tasks import load_tasks
+
+    data = load_tasks()
+    digest = hashlib.sha256()
+    for task in TASKS:
+        for split in ("train", "validation", "test"):
+            for e in data[task][split]:
+                digest.update(f"{task}\t{split}\t{e.prompt}\t{e.answer}\n".encode())
+    sizes = {t: {s: len(v) for s, v in data[t].items()} for t in TASKS}
+    return {"sha256": digest.hexdigest(), "sizes": sizes, "validation_items_used_per_task": VAL_ITEMS}
 
 
 def collect() -> dict:

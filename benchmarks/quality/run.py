@@ -30,7 +30,7 @@ from train import TrainConfig, train_adapter  # noqa: E402
 
 RESULTS = HERE / "results"
 EVALS = RESULTS / "evals"
-MULTITASK_STEPS = 240
+MULTITASK_STEPS = int(os.environ.get("BENCH_MULTITASK_STEPS", "120"))
 CLORA_K = 6
 log = logging.getLogger("quality")
 

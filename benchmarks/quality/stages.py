@@ -1,10 +1,11 @@
 """The evaluation stages: reference models (base, individual, multi-task) and the merges.
 
-Protocol (never tuned on test): every merge method is computed once with weights 1 and timed; its
-deltas are scaled by each ``lam`` of its grid and evaluated on the VALIDATION split; the ``lam``
-with the best mean validation accuracy (ties: the first in grid order) is evaluated on the TEST
-split. ``cat`` is also tested at ``lam = 1/N`` (the linear average, not tuned). All results are
-cached as JSON under ``results/evals/<part>/`` and skipped when present.
+Protocol (never tuned on test). Validation = the first ``VAL_ITEMS`` items of each task's
+validation split. Every merge method is computed once with weights 1 and timed; its deltas are
+scaled by each ``lam`` of its grid and evaluated on validation; the ``lam`` with the best mean
+validation accuracy (ties: the first in grid order) is evaluated on the TEST split. ``cat`` is
+also tested at ``lam = 1/N`` (the linear average, not tuned). All results are cached as JSON under
+``results/evals/<part>/`` and skipped when present.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from tasks import TASKS, load_tasks
 from train import ADAPTERS, load_lora_deltas, load_lora_factors
 
 EVALS = Path(__file__).resolve().parent / "results" / "evals"
+DELTAS = Path(__file__).resolve().parent / "cache" / "deltas"
 log = logging.getLogger("quality")
 
 SUM_GRID = ("1/N", 0.3, 0.5)  # methods whose merge is ~ the sum of the deltas
 DISJOINT_GRID = (0.3, 0.5, 1.0)  # methods that keep one adapter's component at full strength
-AUTHORS_GRID = (0.3, 1.0, 3.0)  # loadings dropped: the scale left by ALS is arbitrary
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,18 @@ class Spec:
     params: dict = field(default_factory=dict)
 
 
-SPECS = (
-    Spec("cat", "core", ("1/N", 0.3, 0.5, 1.0), {"method": "cat"}),
+SPECS = (  # in priority order: the stage runs them in this order
+    Spec("cat", "core", ("1/N", 0.3, 0.5), {"method": "cat"}),
+    Spec("cp_weighted_r16", "cp", SUM_GRID, {"cp_rank": 16, "cp_aggregation": "weighted"}),
     Spec("svd_r8", "core", SUM_GRID, {"method": "svd", "rank": 8}),
     Spec("tsv_r48", "core", SUM_GRID, {"method": "tsv", "rank": 48}),
+    Spec("cp_disjoint_r16", "cp", DISJOINT_GRID, {"cp_rank": 16, "cp_aggregation": "disjoint"}),
     Spec("knots_ties", "knots", DISJOINT_GRID),
     Spec("cp_weighted_r8", "cp", SUM_GRID, {"cp_rank": 8, "cp_aggregation": "weighted"}),
-    Spec("cp_disjoint_r8", "cp", DISJOINT_GRID, {"cp_rank": 8, "cp_aggregation": "disjoint"}),
-    Spec("cp_weighted_r16", "cp", SUM_GRID, {"cp_rank": 16, "cp_aggregation": "weighted"}),
-    Spec("cp_disjoint_r16", "cp", DISJOINT_GRID, {"cp_rank": 16, "cp_aggregation": "disjoint"}),
     Spec("cp_weighted_r32", "cp", SUM_GRID, {"cp_rank": 32, "cp_aggregation": "weighted"}),
+    Spec("authors_cp_r4", "authors", SUM_GRID),
+    Spec("cp_disjoint_r8", "cp", DISJOINT_GRID, {"cp_rank": 8, "cp_aggregation": "disjoint"}),
     Spec("cp_disjoint_r32", "cp", DISJOINT_GRID, {"cp_rank": 32, "cp_aggregation": "disjoint"}),
-    Spec("authors_cp_r4", "authors", AUTHORS_GRID),
     Spec("svd_r32", "core", SUM_GRID, {"method": "svd", "rank": 32}),
     Spec("peft_ties", "peft", DISJOINT_GRID, {"combination_type": "ties", "density": 0.5}),
     Spec("peft_ties_svd", "peft", DISJOINT_GRID, {"combination_type": "ties_svd", "density": 0.5}),
@@ -63,8 +64,13 @@ def lam_value(lam, n: int) -> float:
     return 1.0 / n if lam == "1/N" else float(lam)
 
 
+VAL_ITEMS = int(os.environ.get("BENCH_VAL_ITEMS", "20"))  # per task, for the scaling grid
+
+
 def _split(data, split: str, tasks=TASKS) -> dict:
-    return {t: data[t][split] for t in tasks}
+    """Test: every item. Validation: the first ``VAL_ITEMS`` of each task (CPU budget)."""
+    n = VAL_ITEMS if split == "validation" else None
+    return {t: data[t][split][:n] for t in tasks}
 
 
 def cached_eval(path: Path, model, tok, data: dict, deltas, *, keep_predictions: bool, meta: dict) -> dict:
@@ -98,6 +104,9 @@ def stage_reference() -> None:
             meta={"model": "base", "split": split},
         )
         for task in TASKS:
+            if not (ADAPTERS / task / "train_record.json").exists():
+                log.info("individual adapter %s not trained yet; skipped", task)
+                continue
             deltas = load_lora_deltas(ADAPTERS / task)
             cached_eval(
                 out / f"individual_{task}.{split}.json",
@@ -108,7 +117,7 @@ def stage_reference() -> None:
                 keep_predictions=keep,
                 meta={"model": f"individual_{task}", "split": split},
             )
-        if (ADAPTERS / "multitask" / "train_record.json").exists():
+        if split == "test" and (ADAPTERS / "multitask" / "train_record.json").exists():
             cached_eval(
                 out / f"multitask.{split}.json",
                 model,
@@ -141,8 +150,8 @@ def _compute(spec: Spec, factors, base, dirs: dict[str, Path], cache: dict) -> t
         deltas, secs = merges.timed(merges.merge_knots, factors)
         return deltas, secs, {}
     if spec.kind == "authors":
-        deltas, secs = merges.timed(merges.merge_authors_cp, factors)
-        return deltas, secs, {}
+        (deltas, facts), secs = merges.timed(merges.merge_authors_cp, factors)
+        return deltas, secs, facts
     if "peft" not in cache:
         cache["peft"] = merges.peft_model_with(base, dirs)
     peft_model, names = cache["peft"], list(dirs)
@@ -156,14 +165,67 @@ def _compute(spec: Spec, factors, base, dirs: dict[str, Path], cache: dict) -> t
     return deltas, secs, {}
 
 
+def _deltas(spec: Spec, factors, base, dirs, out: Path, cache: dict) -> dict:
+    """The spec's deltas at weights 1: from ``cache/deltas`` or computed (timed, ``<spec>.merge.json``)."""
+    from safetensors.torch import load_file, save_file
+
+    path = DELTAS / out.name / f"{spec.id}.safetensors"
+    if path.exists() and (out / f"{spec.id}.merge.json").exists():
+        return load_file(str(path))
+    deltas, secs, extra = _compute(spec, factors, base, dirs, cache)
+    info = {
+        "spec": spec.id,
+        "kind": spec.kind,
+        "params": spec.params,
+        "merge_seconds": secs,
+        "adapters": list(dirs),
+        "threads": torch.get_num_threads(),
+        **extra,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({m: d.contiguous() for m, d in deltas.items()}, str(path))
+    (out / f"{spec.id}.merge.json").write_text(json.dumps(info, indent=2))
+    log.info("merged %s in %.1f s %s", spec.id, secs, extra)
+    return deltas
+
+
+def _val_path(out: Path, spec: Spec, lam, n: int) -> Path:
+    return out / f"{spec.id}.lam{lam_value(lam, n):.3f}.validation.json"
+
+
+def _val_means(out: Path, spec: Spec, n: int) -> dict | None:
+    means = {}
+    for lam in spec.lams:
+        path = _val_path(out, spec, lam, n)
+        if not path.exists():
+            return None
+        acc = json.loads(path.read_text())["accuracy"]
+        means[lam] = sum(acc.values()) / len(acc)
+    return means
+
+
+def _chosen_cp(out: Path, specs, n: int) -> set[str]:
+    """The cp spec with the best validation mean per aggregation (only these get a test run)."""
+    best: dict[str, tuple[float, str]] = {}
+    for spec in specs:
+        means = _val_means(out, spec, n) if spec.kind == "cp" else None
+        if means:
+            agg = spec.params["cp_aggregation"]
+            best[agg] = max(best.get(agg, (-1.0, "")), (max(means.values()), spec.id))
+    return {spec_id for _, spec_id in best.values()}
+
+
 def stage_merge(part: str) -> None:
-    """Validation grid, then test at the chosen scaling, for every spec (``BENCH_METHODS`` filters)."""
-    only = os.environ.get("BENCH_METHODS")
-    specs = [
-        s
-        for s in SPECS
-        if (part == "per_task" or s.id in CLORA_SPECS) and (not only or s.id in only.split(","))
-    ]
+    """Merges of ``part``: ``BENCH_PHASE=val`` (grids), ``test`` (chosen scalings) or ``all`` (both).
+
+    ``BENCH_METHODS`` (comma-separated spec ids) restricts the specs, to split the work between
+    processes. In the test phase, of the cp specs only the best per aggregation (by validation)
+    is tested unless ``BENCH_TEST_CP=all``.
+    """
+    only = [x for x in os.environ.get("BENCH_METHODS", "").split(",") if x]
+    phase = os.environ.get("BENCH_PHASE", "all")
+    specs = [s for s in SPECS if (part == "per_task" or s.id in CLORA_SPECS) and (not only or s.id in only)]
     model, tok = load()
     data = load_tasks()
     dirs = _adapter_dirs(part)
@@ -173,53 +235,55 @@ def stage_merge(part: str) -> None:
     factors = {m: [factor_maps[name][m] for name in dirs] for m in modules}
     out, cache = EVALS / part, {}
     for spec in specs:
-        test_path = out / f"{spec.id}.test.json"
-        if test_path.exists():
-            continue
-        deltas, secs, extra = _compute(spec, factors, model, dirs, cache)
-        info = {
+        if phase in ("val", "all") and _val_means(out, spec, n) is None:
+            deltas = _deltas(spec, factors, model, dirs, out, cache)
+            for lam in spec.lams:
+                scaled = {m: lam_value(lam, n) * d for m, d in deltas.items()}
+                cached_eval(
+                    _val_path(out, spec, lam, n),
+                    model,
+                    tok,
+                    _split(data, "validation"),
+                    scaled,
+                    keep_predictions=False,
+                    meta={"spec": spec.id, "lam": lam, "split": "validation"},
+                )
+        if phase in ("test", "all"):
+            _test(
+                spec,
+                specs,
+                factors,
+                model,
+                tok,
+                data,
+                dirs,
+                out,
+                cache,
+                explicit=os.environ.get("BENCH_TEST_CP") == "all",
+            )
+
+
+def _test(
+    spec: Spec, specs, factors, model, tok, data, dirs, out: Path, cache: dict, *, explicit: bool
+) -> None:
+    n = len(dirs)
+    means = _val_means(out, spec, n)
+    test_path = out / f"{spec.id}.test.json"
+    if means is None or test_path.exists():
+        return
+    if spec.kind == "cp" and not explicit and spec.id not in _chosen_cp(out, SPECS, n):
+        return
+    deltas = _deltas(spec, factors, model, dirs, out, cache)
+    best = max(spec.lams, key=lambda lam: (means[lam], -spec.lams.index(lam)))
+    tests = [best] + (["1/N"] if spec.id == "cat" and best != "1/N" else [])
+    for lam in tests:
+        scaled = {m: lam_value(lam, n) * d for m, d in deltas.items()}
+        name = test_path if lam == best else out / f"{spec.id}.lam{lam_value(lam, n):.3f}.test.json"
+        meta = {
             "spec": spec.id,
-            "kind": spec.kind,
-            "params": spec.params,
-            "merge_seconds": secs,
-            "adapters": list(dirs),
-            **extra,
+            "lam": lam,
+            "split": "test",
+            "chosen_on_validation": lam == best,
+            "validation_means": {str(k): v for k, v in means.items()},
         }
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{spec.id}.merge.json").write_text(json.dumps(info, indent=2))
-        log.info("merged %s in %.1f s %s", spec.id, secs, extra)
-        val = {}
-        for lam in spec.lams:
-            scaled = {m: lam_value(lam, n) * d for m, d in deltas.items()}
-            result = cached_eval(
-                out / f"{spec.id}.lam{lam_value(lam, n):.3f}.validation.json",
-                model,
-                tok,
-                _split(data, "validation"),
-                scaled,
-                keep_predictions=False,
-                meta={"spec": spec.id, "lam": lam, "split": "validation"},
-            )
-            val[lam] = sum(result["accuracy"].values()) / len(result["accuracy"])
-        best = max(spec.lams, key=lambda lam: (val[lam], -spec.lams.index(lam)))
-        tests = [best] + (["1/N"] if spec.id == "cat" and best != "1/N" else [])
-        for lam in tests:
-            scaled = {m: lam_value(lam, n) * d for m, d in deltas.items()}
-            name = test_path if lam == best else out / f"{spec.id}.lam{lam_value(lam, n):.3f}.test.json"
-            cached_eval(
-                name,
-                model,
-                tok,
-                _split(data, "test"),
-                scaled,
-                keep_predictions=True,
-                meta={
-                    "spec": spec.id,
-                    "lam": lam,
-                    "split": "test",
-                    "chosen_on_validation": lam == best,
-                    "validation_means": {str(k): v for k, v in val.items()},
-                },
-            )
-        del deltas
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        cached_eval(name, model, tok, _split(data, "test"), scaled, keep_predictions=True, meta=meta)

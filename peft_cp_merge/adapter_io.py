@@ -87,8 +87,27 @@ class AdapterError(ValueError):
     """An adapter folder that cannot be read or merged; the message names the folder and the reason."""
 
 
+class FactorShapes:
+    """``rank``, ``d_in`` and ``d_out`` of a module's LoRA factors from their file shapes."""
+
+    shape_A: tuple[int, ...]
+    shape_B: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.shape_A[0]
+
+    @property
+    def d_in(self) -> int:
+        return math.prod(self.shape_A[1:])
+
+    @property
+    def d_out(self) -> int:
+        return self.shape_B[0]
+
+
 @dataclass(frozen=True)
-class AdapterModule:
+class AdapterModule(FactorShapes):
     """One adapted module of an adapter file.
 
     Attributes:
@@ -105,18 +124,6 @@ class AdapterModule:
     key_B: str
     shape_A: tuple[int, ...]
     shape_B: tuple[int, ...]
-
-    @property
-    def rank(self) -> int:
-        return self.shape_A[0]
-
-    @property
-    def d_in(self) -> int:
-        return math.prod(self.shape_A[1:])
-
-    @property
-    def d_out(self) -> int:
-        return self.shape_B[0]
 
     def file_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """File shapes of A and B for a module of this kind and shape with rank ``rank``."""

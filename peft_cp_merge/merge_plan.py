@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from .adapter_io import AdapterError, AdapterFolder, module_sort_key, open_adapter_folder
+from .adapter_io import AdapterError, AdapterFolder, FactorShapes, module_sort_key, open_adapter_folder
 
 __all__ = ["METHODS", "MergePlan", "ModulePlan", "plan_merge"]
 
@@ -33,7 +33,7 @@ _SHARED_FIELDS = ("fan_in_fan_out", "layer_replication")
 
 
 @dataclass(frozen=True)
-class ModulePlan:
+class ModulePlan(FactorShapes):
     """How one module is merged.
 
     Attributes:
@@ -56,16 +56,8 @@ class ModulePlan:
     key_B: str
 
     @property
-    def d_in(self) -> int:
-        return math.prod(self.shape_A[1:])
-
-    @property
-    def d_out(self) -> int:
-        return self.shape_B[0]
-
-    @property
     def out_params(self) -> int:
-        return self.shape_A[0] * (self.d_in + self.d_out)
+        return self.rank * (self.d_in + self.d_out)
 
 
 @dataclass(frozen=True)

@@ -78,16 +78,24 @@ def _ties(tasks: torch.Tensor, density: float) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_knots(factors: Factors, *, density: float = 0.2) -> Deltas:
-    """KnOTS-TIES (Stoica et al., ICLR 2025), dense per module (fine at 135M scale)."""
+    """KnOTS-TIES (Stoica et al., ICLR 2025): SVD of ``[dW_1 ... dW_N]``, TIES on the per-task ``S V_i^T``.
+
+    The SVD is computed exactly from the factors: ``[dW_1 ... dW_N] = Bcat blockdiag(A_i)`` with
+    ``Bcat = [s_1 B_1 ... s_N B_N]``; thin QRs ``Bcat = Q R`` and ``A_i^T = Q_i R_i`` leave an
+    ``M x M`` core whose SVD ``U_k S V_k^T`` gives ``U = Q U_k`` and ``S V_i^T = S V_k^T[:, blk_i] Q_i^T``.
+    """
     out = {}
     for module, fs in factors.items():
-        deltas = [(s * b.double() @ a.double()) for a, b, s in fs]
-        u, sv, vh = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
+        q_b, r_b = torch.linalg.qr(torch.cat([s * b.double() for _, b, s in fs], dim=1))
+        qr_a = [torch.linalg.qr(a.double().T) for a, _, _ in fs]  # A_i^T = Q_i R_i
+        core = r_b @ torch.block_diag(*[r.T for _, r in qr_a])
+        u_k, sv, vh_k = torch.linalg.svd(core)
         keep = sv > sv[0] * 1e-10
-        u, sv, vh = u[:, keep], sv[keep], vh[keep]
-        d_in = fs[0][0].shape[1]
-        coeffs = torch.stack([sv[:, None] * vh[:, i * d_in : (i + 1) * d_in] for i in range(len(fs))])
-        out[module] = (u @ _ties(coeffs, density)).float()
+        u_k, sv, vh_k = u_k[:, keep], sv[keep], vh_k[keep]
+        ranks = [a.shape[0] for a, _, _ in fs]
+        blocks = vh_k.split(ranks, dim=1)
+        coeffs = torch.stack([sv[:, None] * blk @ q.T for blk, (q, _) in zip(blocks, qr_a, strict=True)])
+        out[module] = ((q_b @ u_k) @ _ties(coeffs, density)).float()
     return out
 
 

@@ -154,6 +154,7 @@ def collect() -> dict:
     out = {
         "environment": environment(),
         "tasks": list(TASKS),
+        "data": data_fingerprint(),
         "reference": {},
         "parts": {},
         "comparisons": {},
@@ -167,9 +168,11 @@ def collect() -> dict:
             "mean_accuracy": sum(indiv_test["accuracy"].values()) / len(TASKS),
             "validation_accuracy": ref["validation"]["individual"]["accuracy"],
         }
+    out["validation_grid"] = {}
     for part in ("per_task", "clora"):
         if (EVALS / part).exists() and indiv_test:
             out["parts"][part] = merges_of(part, ref)
+            out["validation_grid"][part] = validation_grid(part, ref)
     per_task = out["parts"].get("per_task", {})
     cp_ids = [s.id for s in SPECS if s.kind == "cp"]
     best_cp, best_svd = best_by_validation(per_task, cp_ids), best_by_validation(per_task, SVD_BASED)
@@ -183,7 +186,7 @@ def collect() -> dict:
                 per_task[best_cp]["correct"], per_task[best_svd]["correct"], indiv_test["correct"]
             ),
         }
-        for other in ("linear_average", "cat"):
+        for other in ("linear_average", "tsv_r48", "knots_ties", "svd_r8"):
             if other in per_task:
                 comp[f"cp_vs_{other}"] = {
                     "cp": best_cp,
@@ -225,6 +228,34 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def validation_markdown(res: dict) -> str:
+    """Every evaluated (spec, lam) on validation: mean accuracy / mean normalised accuracy."""
+    lines = ["| part: spec | lam | val mean acc | val mean norm. | chosen |", "|---|---|---|---|---|"]
+    for part, grid in res.get("validation_grid", {}).items():
+        for spec_id, by_lam in grid.items():
+            chosen = res["parts"].get(part, {}).get(spec_id, {}).get("chosen_lam")
+            for lam, v in by_lam.items():
+                mark = "yes" if chosen is not None and str(chosen) == lam else ""
+                acc, norm = v["mean_accuracy"], v["mean_normalised"]
+                lines.append(f"| {part}: {spec_id} | {lam} | {acc:.3f} | {norm:.3f} | {mark} |")
+    return "\n".join(lines)
+
+
+def validation_grid(part: str, ref: dict) -> dict:
+    """Validation results of every spec of ``part``, including specs without a test run."""
+    grid = {}
+    for spec in SPECS:
+        info = _load(EVALS / part / f"{spec.id}.merge.json")
+        if not info:
+            continue
+        n = len(info["adapters"])
+        for lam in spec.lams:
+            v = _load(EVALS / part / f"{spec.id}.lam{lam_value(lam, n):.3f}.validation.json")
+            if v:
+                grid.setdefault(spec.id, {})[str(lam)] = summarise(v, ref["validation"]["individual"])
+    return grid
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -257,7 +288,7 @@ def write_report() -> None:
         for m in merged.values():
             m.pop("correct", None)
     (RESULTS / "quality_results.json").write_text(json.dumps(slim, indent=2))
-    (RESULTS / "table.md").write_text(markdown(res) + "\n")
+    (RESULTS / "table.md").write_text(markdown(res) + "\n\n" + validation_markdown(res) + "\n")
     if res["parts"]:
         plot(res, RESULTS / "normalised_accuracy.png")
     print(markdown(res))

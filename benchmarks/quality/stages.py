@@ -28,7 +28,7 @@ DELTAS = Path(__file__).resolve().parent / "cache" / "deltas"
 log = logging.getLogger("quality")
 
 SUM_GRID = ("1/N", 0.3, 0.5)  # methods whose merge is ~ the sum of the deltas
-DISJOINT_GRID = (0.3, 0.5, 1.0)  # methods that keep one adapter's component at full strength
+DISJOINT_GRID = ("1/N", 0.3, 0.5, 1.0)  # methods that keep one adapter's component at full strength
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,7 @@ def cp_als(
             form, factors, n_iter_max=n_iter_max, tol=tol, l2=l2, progress=progress
         )
     norm_sq = form.norm_sq()
-    residual_sq = form.residual_sq(weights, factors)
+    residual_sq = form.final_residual_sq(weights, factors)
     rel_error = torch.where(norm_sq > 0, residual_sq.sqrt() / norm_sq.sqrt().clamp_min(1e-300), 0.0)
     condition = _condition(factors)
     if compressed is not None:

@@ -21,13 +21,9 @@ from tqdm.auto import tqdm
 
 from .compression import CompressedLora, LoraCore, LoraStack, compress, lift
 from .cp_init import INITS, initialize
-from .cp_operators import DenseForm, Factors, KruskalCoreForm, factor_grams
+from .cp_operators import EXACT_ERROR_BELOW, DenseForm, Factors, KruskalCoreForm, factor_grams
 
 __all__ = ["CPResult", "canonicalize", "check_options", "cp_als"]
-
-# Below this cheap relative error the cancellation in ||X||^2 + ||X_hat||^2 - 2<X, X_hat> (about
-# sqrt(eps) = 1e-8 in float64) starts to matter, and the exact residual is used instead.
-_EXACT_ERROR_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -179,7 +175,7 @@ def _run_als(
         inner = (mttkrp * unnormalized).sum(dim=(1, 2))
         model_sq = (hadamard * gram).sum(dim=(1, 2))
         error = (norm_sq + model_sq - 2 * inner).clamp_min(0).sqrt() / norm_sq.sqrt()
-        if (error < _EXACT_ERROR_BELOW).any():
+        if (error < EXACT_ERROR_BELOW).any():
             error = form.residual_sq(weights, form.from_working(state)).sqrt() / norm_sq.sqrt()
         done = (prev_error - error).abs() <= tol
         prev_error = error

@@ -21,10 +21,9 @@ from .compression import LoraCore
 Factors = tuple[Tensor, Tensor, Tensor]
 
 
-def _kruskal_norm_sq(grams: tuple[Tensor, Tensor, Tensor], weights: Tensor) -> Tensor:
-    """``||[[w; F1, F2, F3]]||^2`` from the factor Gram matrices: ``w^T (G1 * G2 * G3) w``."""
-    hadamard = grams[0] * grams[1] * grams[2]
-    return torch.einsum("br,brs,bs->b", weights, hadamard, weights)
+# Below this relative error the cheap identity ||X||^2 + ||X_hat||^2 - 2<X, X_hat> loses its digits to
+# cancellation (about sqrt(eps) = 1e-8 in float64), and the exact residual is computed instead.
+EXACT_ERROR_BELOW = 1e-5
 
 
 class DenseForm:
@@ -180,9 +179,8 @@ class KruskalCoreForm:
         norm_sq = self.norm_sq()
         proj = (self.left.mT @ a) * (self.right.mT @ b) * torch.einsum("km,bkr->bmr", self.indicator, c)
         inner = torch.einsum("bmr,br->b", proj, weights)
-        model_sq = torch.einsum("br,brs,bs->b", weights, (a.mT @ a) * (b.mT @ b) * (c.mT @ c), weights)
-        residual = (norm_sq + model_sq - 2 * inner).clamp_min(0)
-        small = residual < 1e-10 * norm_sq
+        residual = (norm_sq + model_norm_sq(weights, factors) - 2 * inner).clamp_min(0)
+        small = residual < EXACT_ERROR_BELOW**2 * norm_sq
         if small.any():
             index = small.nonzero().squeeze(1)
             residual[index] = self.select(index).residual_sq(weights[index], tuple(f[index] for f in factors))
@@ -218,5 +216,6 @@ def factor_grams(factors: Factors) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def model_norm_sq(weights: Tensor, factors: Factors) -> Tensor:
-    """``||X_hat||^2`` per batch element."""
-    return _kruskal_norm_sq(factor_grams(factors), weights)
+    """``||X_hat||^2 = w^T (A^T A * B^T B * C^T C) w`` per batch element."""
+    grams = factor_grams(factors)
+    return torch.einsum("br,brs,bs->b", weights, grams[0] * grams[1] * grams[2], weights)

@@ -13,6 +13,12 @@ where plain ALS from an SVD start can need thousands of iterations (DESIGN.md se
 ``R <= I``, ``R <= J`` and ``K >= 2``; elsewhere, or for batch elements where it breaks down
 (singular mixtures), it falls back to ``svd``. (For a LoRA core with ``R >= M`` :func:`~.cp_als.cp_als`
 needs no start at all: the core's own factors are an exact CP.)
+
+The leading subspaces come from ``eigh`` of the unfolding's Gram matrix for short modes. From
+``RANDOMIZED_MIN_DIM`` rows on (a core of many adapters, ``M = sum r_i`` in the thousands) they come
+from a randomized subspace iteration (Halko, Martinsson & Tropp 2011, algorithm 4.4) on products with
+the Gram matrix, ``O(M^2 R)`` each, instead of forming it and its ``O(M^3)`` eigendecomposition. Its
+subspace is exact where the unfolding has rank ``<= R + OVERSAMPLE``, so ``gevd`` stays exact there.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from .cp_operators import DenseForm, Factors, KruskalCoreForm
 logger = logging.getLogger(__name__)
 
 INITS = ("gevd", "svd", "random")
+RANDOMIZED_MIN_DIM = 768
+OVERSAMPLE = 10
+POWER_ITERATIONS = 3
 
 
 def _normalize_columns(x: Tensor) -> Tensor:
@@ -48,9 +57,25 @@ def _leading_eigvecs(gram: Tensor, rank: int, generator: torch.Generator) -> Ten
     return top
 
 
+def _leading_subspace(
+    form: DenseForm | KruskalCoreForm, mode: int, rank: int, generator: torch.Generator
+) -> Tensor:
+    """Top-``rank`` left singular vectors of the mode-``mode`` unfolding, ``(batch, I_mode, rank)``."""
+    batch, dim = form.shape[0], form.shape[mode + 1]
+    width = rank + OVERSAMPLE
+    if dim < RANDOMIZED_MIN_DIM or 2 * width > dim:
+        return _leading_eigvecs(form.unfolding_gram(mode), rank, generator)
+    like = form.tensor if isinstance(form, DenseForm) else form.left
+    basis = _randn((batch, dim, width), generator, like)
+    for _ in range(POWER_ITERATIONS + 1):
+        basis = torch.linalg.qr(form.unfolding_gram_times(mode, basis)).Q
+    _, vecs = torch.linalg.eigh(basis.mT @ form.unfolding_gram_times(mode, basis))
+    return basis @ vecs.flip(-1)[..., :rank]
+
+
 def svd_init(form: DenseForm | KruskalCoreForm, rank: int, generator: torch.Generator) -> Factors:
     """Leading left singular vectors of each unfolding (random columns where a mode is too short)."""
-    return tuple(_leading_eigvecs(form.unfolding_gram(mode), rank, generator) for mode in range(3))
+    return tuple(_leading_subspace(form, mode, rank, generator) for mode in range(3))
 
 
 def random_init(form: DenseForm | KruskalCoreForm, rank: int, generator: torch.Generator) -> Factors:
@@ -73,9 +98,9 @@ def gevd_init(form: DenseForm | KruskalCoreForm, rank: int, generator: torch.Gen
     if rank > min(dim1, dim2) or dim3 < 2:
         logger.debug("gevd init needs R <= I, J and K >= 2 (R=%d, shape %s); using svd", rank, form.shape)
         return svd_init(form, rank, generator)
-    u1 = _leading_eigvecs(form.unfolding_gram(0), rank, generator)
-    u2 = _leading_eigvecs(form.unfolding_gram(1), rank, generator)
-    fallback = (u1, u2, _leading_eigvecs(form.unfolding_gram(2), rank, generator))
+    u1 = _leading_subspace(form, 0, rank, generator)
+    u2 = _leading_subspace(form, 1, rank, generator)
+    fallback = (u1, u2, _leading_subspace(form, 2, rank, generator))
     projected = form.project(u1, u2)  # (batch, R, R, K)
     mixtures = _randn((dim3, 2), generator, projected)
     w1, w2 = (projected @ mixtures).unbind(-1)

@@ -67,6 +67,11 @@ class DenseForm:
         unfolded = self.tensor.movedim(mode + 1, 1).flatten(start_dim=2)
         return unfolded @ unfolded.mT
 
+    def unfolding_gram_times(self, mode: int, x: Tensor) -> Tensor:
+        """``X_(mode) X_(mode)^T x`` for ``x`` of shape ``(batch, I_mode, k)``, without the Gram."""
+        unfolded = self.tensor.movedim(mode + 1, 1).flatten(start_dim=2)
+        return unfolded @ (unfolded.mT @ x)
+
     def project(self, u1: Tensor, u2: Tensor) -> Tensor:
         """``X x_1 u1^T x_2 u2^T``: ``(batch, R1, R2, K)``."""
         return torch.einsum("bijk,bir,bjs->brsk", self.tensor, u1, u2)
@@ -168,6 +173,15 @@ class KruskalCoreForm:
         if mode == 1:
             return self.right @ (g1 * mask) @ self.right.mT
         return self.indicator @ (g1 * g2) @ self.indicator.mT
+
+    def unfolding_gram_times(self, mode: int, x: Tensor) -> Tensor:
+        """``X_(mode) X_(mode)^T x`` in ``O(M^2 k)`` for ``x`` of shape ``(batch, I_mode, k)``."""
+        if mode == 2:
+            return self.unfolding_gram(2) @ x
+        g1, g2 = self._input_grams()
+        factor = self.left if mode == 0 else self.right
+        other = g2 if mode == 0 else g1
+        return factor @ ((other * self._task_mask()) @ (factor.mT @ x))
 
     def project(self, u1: Tensor, u2: Tensor) -> Tensor:
         return torch.einsum("brm,bsm,km->brsk", u1.mT @ self.left, u2.mT @ self.right, self.indicator)

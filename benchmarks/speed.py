@@ -15,6 +15,8 @@ Three measurements, written to one JSON file with the machine, versions and date
 3. ``memory``: in a fresh subprocess, the extra peak resident memory of that merge (VmHWM after the
    merge minus VmRSS before it, with the high-water mark reset in between) against the size of the
    input A/B factors.
+4. ``large`` (not in the default run): one module with N = 50 adapters of rank 64 (M = 3200), merged
+   with the randomized subspace start and with the explicit eigendecomposition start, alternating.
 
 Timings are medians over ``--repeats`` runs (the dense tensorly method: one run, summed over modules).
 
@@ -22,6 +24,7 @@ Usage::
 
     python benchmarks/speed.py                      # everything, 1 thread, results/speed.json
     python benchmarks/speed.py --parts mistral memory --threads 2
+    python benchmarks/speed.py --parts large --out benchmarks/results/speed_large.json
     python benchmarks/speed.py --table benchmarks/results/speed.json   # print the README table
 """
 
@@ -279,6 +282,50 @@ def part_memory(args) -> dict:
     return row
 
 
+def part_large(args, sync) -> dict:
+    """One module with many adapters (N = 50, r = 64, M = 3200, d = 4096, R = 64), merged with the
+    randomized subspace start and with the explicit ``O(M^3)`` eigendecomposition start, alternating."""
+    import torch
+
+    from peft_cp_merge import LoraStack, cp_init, merge_modules
+
+    n_adapters, rank, dim = 50, 64, 4096
+    gen = torch.Generator().manual_seed(0)
+    lora_A = [torch.randn(1, rank, dim, generator=gen).mul_(0.02).to(args.device) for _ in range(n_adapters)]
+    lora_B = [torch.randn(1, dim, rank, generator=gen).mul_(0.02).to(args.device) for _ in range(n_adapters)]
+    stacks = {"module": LoraStack(lora_A, lora_B, [2.0] * n_adapters)}
+    weights = {"module": [1 / n_adapters] * n_adapters}
+    default_min_dim = cp_init.RANDOMIZED_MIN_DIM
+    runs = {"randomized": [], "eigh": []}
+    errors, peaks = {}, {}
+    for i in range(args.repeats):
+        for start in ("randomized", "eigh") if i % 2 == 0 else ("eigh", "randomized"):
+            cp_init.RANDOMIZED_MIN_DIM = default_min_dim if start == "randomized" else 1 << 62
+            Path("/proc/self/clear_refs").write_text("5")
+            before_kb = _status_kb("VmRSS")
+            sync()
+            begin = time.perf_counter()
+            merged = merge_modules(stacks, weights, rank=rank, progress=False)
+            sync()
+            runs[start].append(time.perf_counter() - begin)
+            peaks[start] = (_status_kb("VmHWM") - before_kb) * 1024 / 1e9
+            errors[start] = merged["module"].rel_error
+    cp_init.RANDOMIZED_MIN_DIM = default_min_dim
+    row = {
+        "n_adapters": n_adapters,
+        "lora_rank": rank,
+        "d": dim,
+        "cp_rank": rank,
+        **{f"{start}_s": statistics.median(times) for start, times in runs.items()},
+        **{f"{start}_runs_s": times for start, times in runs.items()},
+        **{f"{start}_rel_error": errors[start] for start in runs},
+        **{f"{start}_extra_peak_GB": peaks[start] for start in runs},
+    }
+    row["speedup"] = row["eigh_s"] / row["randomized_s"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def print_table(path: Path) -> None:
     data = json.loads(path.read_text())
     m = data["machine"]
@@ -316,6 +363,14 @@ def print_table(path: Path) -> None:
             f"Extra peak memory of that merge: {r['extra_peak_GB']:.2f} GB = "
             f"{r['extra_peak_over_input']:.2f}x the input factors ({r['input_GB']:.2f} GB)."
         )
+    if "large" in data:
+        r = data["large"]
+        print(
+            f"One module, N = {r['n_adapters']}, r = {r['lora_rank']}, d = {r['d']}, R = {r['cp_rank']}: "
+            f"{r['randomized_s']:.1f} s with the randomized start, {r['eigh_s']:.1f} s with the eigh start "
+            f"({r['speedup']:.1f}x; rel. error {r['randomized_rel_error']:.4f} vs {r['eigh_rel_error']:.4f}; "
+            f"extra peak {r['randomized_extra_peak_GB']:.2f} GB vs {r['eigh_extra_peak_GB']:.2f} GB)."
+        )
 
 
 def main() -> None:
@@ -326,7 +381,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["compare", "mistral", "memory"],
-        choices=["compare", "mistral", "memory"],
+        choices=["compare", "mistral", "memory", "large"],
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch/BLAS threads (1 resists noisy neighbours)"
@@ -363,6 +418,8 @@ def main() -> None:
         results["memory"] = part_memory(args)
     if "compare" in args.parts:
         results["compare"] = part_compare(args, sync)
+    if "large" in args.parts:
+        results["large"] = part_large(args, sync)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -84,7 +84,7 @@ def _add_merge_parser(subparsers) -> None:
         "--library",
         metavar="LIB_DIR",
         help="merge the cluster adapters of a library from build-library instead (default weights: "
-        "cluster sizes / total, default rank: the largest adapter rank)",
+        "cluster sizes / total; default rank: min(2 max r, sum r) for cp, max r for svd/tsv)",
     )
     parser.add_argument(
         "--weights",

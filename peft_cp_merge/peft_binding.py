@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .compression import LoraStack
 from .cp_als import check_options
-from .merge import AGGREGATIONS, MergedLora, merge_modules
+from .merge import AGGREGATIONS, MergedLora, default_rank, merge_modules
 
 __all__ = ["CPMergeReport", "add_cp_weighted_adapter", "is_registered", "register", "unregister"]
 
@@ -238,7 +238,8 @@ def add_cp_weighted_adapter(
         adapters: Names of the adapters to merge.
         weights: One merge weight per adapter (negative subtracts).
         adapter_name: Name of the new adapter; must not exist yet.
-        rank: CP rank ``R`` and rank of the new adapter (default: the largest input rank).
+        rank: CP rank ``R`` and rank of the new adapter (default: `default_rank` of the modules'
+            input ranks, ``min(2 max r_i, sum r_i)``, the largest over modules).
         aggregation: ``"weighted"`` or ``"disjoint"``, see :mod:`peft_cp_merge.merge`.
         init: CP-ALS start, ``"gevd"``, ``"svd"`` or ``"random"``.
         n_iter_max: Maximum ALS sweeps.
@@ -269,7 +270,7 @@ def add_cp_weighted_adapter(
     check_options(1 if rank is None else rank, init, n_iter_max, tol, l2, seed)
     stacks, module_weights, layers = _collect_stacks(lora_model, adapters, weights)
     if rank is None:
-        rank = max(max(stack.ranks) for stack in stacks.values())
+        rank = max(default_rank(stack.ranks) for stack in stacks.values())
     if device is None:
         device = next(iter(stacks.values())).lora_A[0].device
 

@@ -76,7 +76,7 @@ def test_build_library_then_merge_it(assets, tmp_path, capsys):
 
     merged = tmp_path / "merged"
     assert main(["merge", "--library", str(library_dir), "--out", str(merged), "--no-progress"]) == 0
-    assert "rank 4" in capsys.readouterr().out  # the default rank: the largest adapter rank
+    assert "rank 8" in capsys.readouterr().out  # the default cp rank: min(2 max r, sum r) = 8
     assert (merged / "adapter_model.safetensors").is_file()
 
 

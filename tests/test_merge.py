@@ -3,7 +3,7 @@ import torch
 from conftest import random_stack
 
 from peft_cp_merge.compression import LoraStack
-from peft_cp_merge.merge import aggregate_loadings, merge_modules
+from peft_cp_merge.merge import aggregate_loadings, default_rank, merge_modules
 
 
 def _delta(merged):
@@ -164,3 +164,11 @@ def test_compute_on_cuda_returns_to_the_input_device():
     assert merged.lora_A.device.type == "cpu"
     expected = _weighted_sum(stack, [1.0, 1.0])
     assert (_delta(merged) - expected).norm() / expected.norm() < 1e-10
+
+
+def test_default_rank_is_twice_the_largest_rank_capped_at_the_sum():
+    assert default_rank([8] * 6) == 16
+    assert default_rank([8, 4]) == 12
+    assert default_rank([16]) == 16
+    with pytest.raises(ValueError, match=r"positive LoRA ranks, got \[4, 0\]"):
+        default_rank([4, 0])

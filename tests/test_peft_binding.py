@@ -299,3 +299,10 @@ def test_plain_function_accepts_a_lora_model(two_adapters):
     assert set(report.rel_error) == {"emb", "lin0", "lin1"}
     with pytest.raises(ValueError, match="Expected a PeftModel"):
         add_cp_weighted_adapter(torch.nn.Linear(2, 2), ["a"], [1.0], "m")
+
+
+def test_default_rank_is_twice_the_largest_input_rank_capped_at_the_sum(two_adapters):
+    # Ranks 4 and 6: min(2 * 6, 4 + 6) = 10 (benchmarks/quality chose 2 max r on validation).
+    add_cp_weighted_adapter(two_adapters, ["a", "b"], [0.5, 0.5], "merged")
+    assert two_adapters.peft_config["merged"].r == 10
+    assert two_adapters.base_model.model.lin0.lora_A["merged"].weight.shape[0] == 10

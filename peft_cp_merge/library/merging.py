@@ -11,6 +11,7 @@ from typing import Any
 
 from peft import LoraConfig
 
+from ..merge import default_rank
 from .manifest import load_library
 
 __all__ = ["WEIGHTINGS", "LibraryMergeInputs", "library_merge_inputs", "library_weights", "merge_library"]
@@ -78,8 +79,10 @@ def library_merge_inputs(
     Args:
         lib_dir: A complete library written by `build_library`.
         weights: See `library_weights`.
-        rank: Rank of the merged adapter; None for the largest rank among the cluster adapters
-            (the default of ``add_cp_weighted_adapter``), or for no rank with ``method="cat"``.
+        rank: Rank of the merged adapter. None: for ``"cp"`` the default of
+            ``add_cp_weighted_adapter`` (`peft_cp_merge.merge.default_rank` of the cluster
+            adapters' ranks), for ``"svd"`` and ``"tsv"`` the largest cluster adapter rank (PEFT's
+            svd default), and no rank for ``"cat"``.
         method: The merge method the inputs are for.
 
     Raises:
@@ -94,7 +97,8 @@ def library_merge_inputs(
     merge_weights = library_weights(library.manifest.sizes, weights)
     if rank is None and method != "cat":
         configs = [LoraConfig.from_pretrained(str(folder)) for folder in library.adapter_dirs]
-        rank = max(max([config.r, *config.rank_pattern.values()]) for config in configs)
+        ranks = [max([config.r, *config.rank_pattern.values()]) for config in configs]
+        rank = default_rank(ranks) if method == "cp" else max(ranks)
     return LibraryMergeInputs(library.adapter_dirs, tuple(merge_weights), rank)
 
 

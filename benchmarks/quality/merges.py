@@ -45,13 +45,15 @@ def _from_merged(merged) -> Deltas:
     return {m: (x.lora_B @ x.lora_A).reshape(x.lora_B.shape[-2], -1).float() for m, x in merged.items()}
 
 
-def merge_core_baseline(factors: Factors, method: str, *, rank: int | None = None) -> Deltas:
+def merge_core_baseline(
+    factors: Factors, method: str, *, rank: int | None = None, weights: list[float] | None = None
+) -> Deltas:
     """``cat``, ``svd`` or ``tsv`` from ``peft_cp_merge.baselines`` (exact, in the compressed core)."""
     from peft_cp_merge import baselines
 
     out = {}
     for module, stack in stacks_of(factors).items():
-        ones = [1.0] * len(factors[module])
+        ones = weights or [1.0] * len(factors[module])
         if method == "cat":
             merged = baselines.merge_cat(stack, ones)
         elif method == "svd":
@@ -145,8 +147,10 @@ def peft_model_with(base: torch.nn.Module, adapter_dirs: dict[str, Path]):
 
 
 @torch.no_grad()
-def peft_merge(peft_model, names: list[str], combination_type: str, **kwargs) -> Deltas:
-    """Run ``add_weighted_adapter`` (weights 1) and return the new adapter's dense deltas."""
+def peft_merge(
+    peft_model, names: list[str], combination_type: str, weights: list[float] | None = None, **kwargs
+) -> Deltas:
+    """Run ``add_weighted_adapter`` (weights 1 unless given) and return the new adapter's dense deltas."""
     from peft.tuners.lora import LoraLayer
 
     import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
@@ -155,7 +159,7 @@ def peft_merge(peft_model, names: list[str], combination_type: str, **kwargs) ->
     if merged in peft_model.peft_config:
         peft_model.delete_adapter(merged)
     peft_model.add_weighted_adapter(
-        names, [1.0] * len(names), merged, combination_type=combination_type, **kwargs
+        names, weights or [1.0] * len(names), merged, combination_type=combination_type, **kwargs
     )
     out = {}
     for name, module in peft_model.named_modules():

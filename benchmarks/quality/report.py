@@ -30,6 +30,7 @@ def references() -> dict:
         ref[split] = {
             "base": _load(EVALS / "reference" / f"base.{split}.json"),
             "multitask": _load(EVALS / "reference" / f"multitask.{split}.json"),
+            "multitask_full": _load(EVALS / "reference" / f"multitask_full.{split}.json"),
         }
         indiv = {"accuracy": {}, "correct": {}}
         for task in TASKS:
@@ -104,6 +105,14 @@ def best_by_validation(merged: dict, ids) -> str | None:
     return max(scored)[1] if scored else None
 
 
+CP_SETTING_PAIRS = (
+    ("cp_weighted_r16", "cp_weighted_r8"),
+    ("cp_weighted_r32", "cp_weighted_r16"),
+    ("cp_weighted_r16", "cp_disjoint_r16"),
+    ("cp_weighted_r32", "cp_disjoint_r32"),
+)
+
+
 def bootstrap_gap(a: dict, b: dict, individual: dict, *, seed: int = 0) -> dict:
     """Paired bootstrap of mean normalised accuracy(a) - (b) over test items (stratified by task)."""
     rng = random.Random(seed)
@@ -159,7 +168,7 @@ def collect() -> dict:
         "parts": {},
         "comparisons": {},
     }
-    for name in ("base", "multitask"):
+    for name in ("base", "multitask", "multitask_full"):
         if ref["test"][name] and indiv_test:
             out["reference"][name] = summarise(ref["test"][name], indiv_test)
     if indiv_test:
@@ -169,7 +178,8 @@ def collect() -> dict:
             "validation_accuracy": ref["validation"]["individual"]["accuracy"],
         }
     out["validation_grid"] = {}
-    for part in ("per_task", "clora"):
+    clora_parts = sorted(p.name for p in EVALS.glob("clora*") if p.is_dir())
+    for part in ("per_task", *clora_parts):
         if (EVALS / part).exists() and indiv_test:
             out["parts"][part] = merges_of(part, ref)
             out["validation_grid"][part] = validation_grid(part, ref)
@@ -195,16 +205,24 @@ def collect() -> dict:
                         per_task[best_cp]["correct"], per_task[other]["correct"], indiv_test["correct"]
                     ),
                 }
-    clora = out["parts"].get("clora", {})
-    best_clora_cp = best_by_validation(clora, cp_ids)
-    if best_cp and best_clora_cp:
-        comp["clora_cp_vs_per_task_cp"] = {
-            "clora": best_clora_cp,
-            "per_task": best_cp,
-            **bootstrap_gap(
-                clora[best_clora_cp]["correct"], per_task[best_cp]["correct"], indiv_test["correct"]
-            ),
-        }
+    for a, b in CP_SETTING_PAIRS:  # the settings behind the defaults, on test (chosen on validation)
+        if a in per_task and b in per_task:
+            comp[f"{a}_vs_{b}"] = {
+                "cp": a,
+                "baseline": b,
+                **bootstrap_gap(per_task[a]["correct"], per_task[b]["correct"], indiv_test["correct"]),
+            }
+    for part in clora_parts:
+        clora = out["parts"].get(part, {})
+        best_clora_cp = best_by_validation(clora, cp_ids)
+        if best_cp and best_clora_cp:
+            comp[f"{part}_cp_vs_per_task_cp"] = {
+                part: best_clora_cp,
+                "per_task": best_cp,
+                **bootstrap_gap(
+                    clora[best_clora_cp]["correct"], per_task[best_cp]["correct"], indiv_test["correct"]
+                ),
+            }
     return out
 
 
@@ -218,7 +236,7 @@ def markdown(res: dict) -> str:
         norm = f"{summ['mean_normalised']:.3f}" if "mean_normalised" in summ else "1.000"
         return f"| {name} | {lam} | {accs} | {summ['mean_accuracy']:.3f} | {norm} | {secs} |"
 
-    for name in ("base", "individual", "multitask"):
+    for name in ("base", "individual", "multitask", "multitask_full"):
         if name in res["reference"]:
             lines.append(row(name, res["reference"][name]))
     for part, merged in res["parts"].items():
@@ -267,9 +285,10 @@ def plot(res: dict, path: Path) -> None:
         for spec_id, m in merged.items():
             labels.append(f"{part}:{spec_id}")
             values.append(m["test"]["mean_normalised"])
-    if "multitask" in res["reference"]:
-        labels.append("multitask")
-        values.append(res["reference"]["multitask"]["mean_normalised"])
+    for name in ("multitask", "multitask_full"):
+        if name in res["reference"]:
+            labels.append(name)
+            values.append(res["reference"][name]["mean_normalised"])
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(labels) + 1))
     ax.barh(range(len(labels)), values, color=["C1" if "cp_" in lab else "C0" for lab in labels])
     ax.set_yticks(range(len(labels)), labels, fontsize=7)

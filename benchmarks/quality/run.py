@@ -30,8 +30,10 @@ from train import TrainConfig, train_adapter  # noqa: E402
 
 RESULTS = HERE / "results"
 EVALS = RESULTS / "evals"
-MULTITASK_STEPS = int(os.environ.get("BENCH_MULTITASK_STEPS", "120"))
-CLORA_K = 6
+MULTITASK_STEPS = {  # the first reference had half the per-task total (CPU budget); "full" has all of it
+    "multitask": int(os.environ.get("BENCH_MULTITASK_STEPS", "120")),
+    "multitask_full": 6 * TrainConfig.steps,
+}
 log = logging.getLogger("quality")
 
 
@@ -63,31 +65,32 @@ def stage_train(only: list[str] | None) -> None:
     model, tok = load()
     data = load_tasks()
     cfg = TrainConfig()
-    names = [*TASKS, "multitask"]
-    for name in only or names:
+    names = [*TASKS, *MULTITASK_STEPS]
+    for name in only or [*TASKS, "multitask"]:
         if name not in names:
             raise SystemExit(f"Unknown adapter {name!r}; expected one of {names}")
-        if name == "multitask":
+        if name in MULTITASK_STEPS:
             mixed = [e for t in TASKS for e in data[t]["train"]]
-            record = train_adapter(model, tok, mixed, name, cfg, steps=MULTITASK_STEPS)
+            record = train_adapter(model, tok, mixed, name, cfg, steps=MULTITASK_STEPS[name])
         else:
             record = train_adapter(model, tok, data[name]["train"], name, cfg)
         log.info("trained %s: %s", name, record)
 
 
-def stage_clora() -> None:
+def stage_clora(k: int) -> None:
     """C-LoRA: the library builder clusters the mixed training instructions and trains one LoRA each."""
     from library_build import build_clora
 
     model, tok = load()
-    build_clora(model, tok, load_tasks(), k=CLORA_K)
+    build_clora(model, tok, load_tasks(), k=k)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--stage", required=True, choices=["train", "clora", "reference", "merge", "report"])
     parser.add_argument("--only", default=None, help="comma-separated adapter names (train stage)")
-    parser.add_argument("--part", default=None, help="merge stage: per_task or clora")
+    parser.add_argument("--part", default=None, help="merge stage: per_task, clora (K=6) or clora_k<K>")
+    parser.add_argument("--k", type=int, default=6, help="clora stage: number of clusters")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -95,7 +98,7 @@ def main() -> None:
     if args.stage == "train":
         stage_train(args.only.split(",") if args.only else None)
     elif args.stage == "clora":
-        stage_clora()
+        stage_clora(args.k)
     elif args.stage == "reference":
         from stages import stage_reference
 

@@ -27,8 +27,10 @@ EVALS = Path(__file__).resolve().parent / "results" / "evals"
 DELTAS = Path(__file__).resolve().parent / "cache" / "deltas"
 log = logging.getLogger("quality")
 
-SUM_GRID = ("1/N", 0.3, 0.5)  # methods whose merge is ~ the sum of the deltas
-DISJOINT_GRID = ("1/N", 0.3, 0.5, 1.0)  # methods that keep one adapter's component at full strength
+# Ascending, so that ties go to the smaller coefficient. The first run used ("1/N", 0.3, 0.5) and
+# ("1/N", 0.3, 0.5, 1.0); its best values sat on the edges, so both grids were widened.
+SUM_GRID = (0.1, "1/N", 0.3, 0.5, 0.75)  # methods whose merge is ~ the sum of the deltas
+DISJOINT_GRID = (0.1, "1/N", 0.3, 0.5, 0.75, 1.0, 1.5)  # keep an adapter's component at full strength
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Spec:
 
 
 SPECS = (  # in priority order: the stage runs them in this order
-    Spec("cat", "core", ("1/N", 0.3, 0.5), {"method": "cat"}),
+    Spec("cat", "core", SUM_GRID, {"method": "cat"}),
     Spec("cp_weighted_r16", "cp", SUM_GRID, {"cp_rank": 16, "cp_aggregation": "weighted"}),
     Spec("svd_r8", "core", SUM_GRID, {"method": "svd", "rank": 8}),
     Spec("tsv_r48", "core", SUM_GRID, {"method": "tsv", "rank": 48}),
@@ -50,14 +52,27 @@ SPECS = (  # in priority order: the stage runs them in this order
     Spec("knots_ties", "knots", DISJOINT_GRID),
     Spec("cp_weighted_r8", "cp", SUM_GRID, {"cp_rank": 8, "cp_aggregation": "weighted"}),
     Spec("cp_weighted_r32", "cp", SUM_GRID, {"cp_rank": 32, "cp_aggregation": "weighted"}),
-    Spec("authors_cp_r4", "authors", SUM_GRID),
+    Spec("authors_cp_r4", "authors", ("1/N", 0.3, 0.5)),  # 0 at every lam of the first grid: not widened
     Spec("cp_disjoint_r8", "cp", DISJOINT_GRID, {"cp_rank": 8, "cp_aggregation": "disjoint"}),
     Spec("cp_disjoint_r32", "cp", DISJOINT_GRID, {"cp_rank": 32, "cp_aggregation": "disjoint"}),
     Spec("svd_r32", "core", SUM_GRID, {"method": "svd", "rank": 32}),
     Spec("peft_ties", "peft", DISJOINT_GRID, {"combination_type": "ties", "density": 0.5}),
     Spec("peft_ties_svd", "peft", DISJOINT_GRID, {"combination_type": "ties_svd", "density": 0.5}),
+    # Libraries only: base weights N * size_i / sum(size) (lam = 1/N gives size-proportional weights,
+    # merge_library's default); where all clusters have one size they equal the uniform specs.
+    Spec("cat_size", "core", SUM_GRID, {"method": "cat", "size_weights": True}),
+    Spec(
+        "cp_weighted_r16_size",
+        "cp",
+        SUM_GRID,
+        {"cp_rank": 16, "cp_aggregation": "weighted", "size_weights": True},
+    ),
 )
-CLORA_SPECS = ("cat", "svd_r8", "tsv_r48", "cp_weighted_r16", "cp_disjoint_r16", "cp_weighted_r32")
+SIZE_WEIGHTED = ("cat_size", "cp_weighted_r16_size")
+CLORA_SPECS = (
+    *("cat", "svd_r8", "tsv_r48", "knots_ties", "cp_weighted_r16", "cp_disjoint_r16", "cp_weighted_r32"),
+    *SIZE_WEIGHTED,
+)
 
 
 def lam_value(lam, n: int) -> float:
@@ -117,35 +132,49 @@ def stage_reference() -> None:
                 keep_predictions=keep,
                 meta={"model": f"individual_{task}", "split": split},
             )
-        if split == "test" and (ADAPTERS / "multitask" / "train_record.json").exists():
-            cached_eval(
-                out / f"multitask.{split}.json",
-                model,
-                tok,
-                _split(data, split),
-                load_lora_deltas(ADAPTERS / "multitask"),
-                keep_predictions=keep,
-                meta={"model": "multitask", "split": split},
-            )
+        for name in ("multitask", "multitask_full"):
+            if split == "test" and (ADAPTERS / name / "train_record.json").exists():
+                cached_eval(
+                    out / f"{name}.{split}.json",
+                    model,
+                    tok,
+                    _split(data, split),
+                    load_lora_deltas(ADAPTERS / name),
+                    keep_predictions=keep,
+                    meta={"model": name, "split": split},
+                )
 
 
 def _adapter_dirs(part: str) -> dict[str, Path]:
     if part == "per_task":
         return {t: ADAPTERS / t for t in TASKS}
-    if part == "clora":
+    if part.startswith("clora"):
         from library_build import clora_adapter_dirs
 
-        return clora_adapter_dirs()
-    raise SystemExit(f"Unknown part {part!r}; expected per_task or clora")
+        return clora_adapter_dirs(part)
+    raise SystemExit(f"Unknown part {part!r}; expected per_task, clora or clora_k<K>")
+
+
+def _base_weights(spec: Spec, dirs: dict[str, Path]) -> list[float] | None:
+    """``None`` (weights 1) or, for ``size_weights`` specs, ``N * size_i / sum(size)``."""
+    if not spec.params.get("size_weights"):
+        return None
+    from library_build import clora_sizes
+
+    sizes = clora_sizes(dirs)
+    return [len(sizes) * s / sum(sizes) for s in sizes]
 
 
 def _compute(spec: Spec, factors, base, dirs: dict[str, Path], cache: dict) -> tuple[dict, float, dict]:
-    """The spec's deltas at weights 1, the merge seconds, and extra facts to record."""
+    """The spec's deltas at its base weights, the merge seconds, and extra facts to record."""
+    weights = _base_weights(spec, dirs)
+    params = {k: v for k, v in spec.params.items() if k != "size_weights"}
+    extra = {} if weights is None else {"base_weights": weights}
     if spec.kind == "core":
         deltas, secs = merges.timed(
-            merges.merge_core_baseline, factors, spec.params["method"], rank=spec.params.get("rank")
+            merges.merge_core_baseline, factors, params["method"], rank=params.get("rank"), weights=weights
         )
-        return deltas, secs, {}
+        return deltas, secs, extra
     if spec.kind == "knots":
         deltas, secs = merges.timed(merges.merge_knots, factors)
         return deltas, secs, {}
@@ -156,13 +185,14 @@ def _compute(spec: Spec, factors, base, dirs: dict[str, Path], cache: dict) -> t
         cache["peft"] = merges.peft_model_with(base, dirs)
     peft_model, names = cache["peft"], list(dirs)
     if spec.kind == "cp":
-        deltas, secs = merges.timed(merges.peft_merge, peft_model, names, "cp", **spec.params)
-        err = merges.check_homogeneous(
-            peft_model, names, deltas, rank=spec.params["cp_rank"], aggregation=spec.params["cp_aggregation"]
-        )
-        return deltas, secs, {"homogeneity_rel_diff": err}
-    deltas, secs = merges.timed(merges.peft_merge, peft_model, names, **spec.params)
-    return deltas, secs, {}
+        deltas, secs = merges.timed(merges.peft_merge, peft_model, names, "cp", weights, **params)
+        if weights is None:
+            extra["homogeneity_rel_diff"] = merges.check_homogeneous(
+                peft_model, names, deltas, rank=params["cp_rank"], aggregation=params["cp_aggregation"]
+            )
+        return deltas, secs, extra
+    deltas, secs = merges.timed(merges.peft_merge, peft_model, names, **params)
+    return deltas, secs, extra
 
 
 def _deltas(spec: Spec, factors, base, dirs, out: Path, cache: dict) -> dict:
@@ -225,7 +255,11 @@ def stage_merge(part: str) -> None:
     """
     only = [x for x in os.environ.get("BENCH_METHODS", "").split(",") if x]
     phase = os.environ.get("BENCH_PHASE", "all")
-    specs = [s for s in SPECS if (part == "per_task" or s.id in CLORA_SPECS) and (not only or s.id in only)]
+    if part == "per_task":
+        specs = [s for s in SPECS if s.id not in SIZE_WEIGHTED]
+    else:
+        specs = [s for s in SPECS if s.id in CLORA_SPECS]
+    specs = [s for s in specs if not only or s.id in only]
     model, tok = load()
     data = load_tasks()
     dirs = _adapter_dirs(part)
@@ -269,12 +303,17 @@ def _test(
     n = len(dirs)
     means = _val_means(out, spec, n)
     test_path = out / f"{spec.id}.test.json"
-    if means is None or test_path.exists():
+    if means is None:
         return
+    best = max(spec.lams, key=lambda lam: (means[lam], -spec.lams.index(lam)))
+    if test_path.exists():
+        if json.loads(test_path.read_text())["lam"] == best:
+            return
+        log.info("%s: validation now chooses lam=%s; the stale test run is redone", spec.id, best)
+        test_path.unlink()
     if spec.kind == "cp" and not explicit and spec.id not in _chosen_cp(out, SPECS, n):
         return
     deltas = _deltas(spec, factors, model, dirs, out, cache)
-    best = max(spec.lams, key=lambda lam: (means[lam], -spec.lams.index(lam)))
     tests = [best] + (["1/N"] if spec.id == "cat" and best != "1/N" else [])
     for lam in tests:
         scaled = {m: lam_value(lam, n) * d for m, d in deltas.items()}

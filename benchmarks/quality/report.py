@@ -205,6 +205,14 @@ def collect() -> dict:
                         per_task[best_cp]["correct"], per_task[other]["correct"], indiv_test["correct"]
                     ),
                 }
+    for path in sorted((EVALS / "per_task").glob("*.lam*.test.json")):  # other lams tested on purpose
+        spec_id, lam = path.name.split(".lam")[0], path.name.split(".lam")[1].removesuffix(".test.json")
+        if best_cp and spec_id != "cat":
+            comp[f"cp_vs_{spec_id}_lam{lam}"] = {
+                "cp": best_cp,
+                "baseline": f"{spec_id} at lam {lam}",
+                **bootstrap_gap(per_task[best_cp]["correct"], _load(path)["correct"], indiv_test["correct"]),
+            }
     for a, b in CP_SETTING_PAIRS:  # the settings behind the defaults, on test (chosen on validation)
         if a in per_task and b in per_task:
             comp[f"{a}_vs_{b}"] = {

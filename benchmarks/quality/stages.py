@@ -69,10 +69,7 @@ SPECS = (  # in priority order: the stage runs them in this order
     ),
 )
 SIZE_WEIGHTED = ("cat_size", "cp_weighted_r16_size")
-CLORA_SPECS = (
-    *("cat", "svd_r8", "tsv_r48", "knots_ties", "cp_weighted_r16", "cp_disjoint_r16", "cp_weighted_r32"),
-    *SIZE_WEIGHTED,
-)
+CLORA_SPECS = tuple(spec.id for spec in SPECS)  # every method, on the libraries too
 
 
 def lam_value(lam, n: int) -> float:
@@ -263,6 +260,9 @@ def stage_merge(part: str) -> None:
     model, tok = load()
     data = load_tasks()
     dirs = _adapter_dirs(part)
+    size_spec = next(s for s in SPECS if s.id in SIZE_WEIGHTED)
+    if part != "per_task" and len(set(_base_weights(size_spec, dirs))) == 1:
+        specs = [s for s in specs if s.id not in SIZE_WEIGHTED]  # equal sizes: the uniform specs
     n = len(dirs)
     factor_maps = {name: load_lora_factors(d) for name, d in dirs.items()}
     modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))

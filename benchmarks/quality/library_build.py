@@ -81,7 +81,11 @@ def write_composition(manifest, library_dir: Path) -> dict:
         "clusters": clusters,
         "purity": majority / max(1, sum(c["size"] for c in clusters.values())),
     }
-    (library_dir / "composition.json").write_text(json.dumps(composition, indent=2))
+    text = json.dumps(composition, indent=2)
+    (library_dir / "composition.json").write_text(text)
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{library_dir.name}_composition.json").write_text(text)  # kept in git, unlike cache/
     return composition
 
 

@@ -31,15 +31,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from speed import MISTRAL_SHAPES
+
 HERE = Path(__file__).resolve().parent
-PROJECTIONS = {  # name: (d_out, d_in) at Mistral-7B shapes
-    "self_attn.q_proj": (4096, 4096),
-    "self_attn.k_proj": (1024, 4096),
-    "self_attn.v_proj": (1024, 4096),
-    "self_attn.o_proj": (4096, 4096),
-    "mlp.gate_proj": (14336, 4096),
-    "mlp.up_proj": (14336, 4096),
-    "mlp.down_proj": (4096, 14336),
+PROJECTIONS = {  # module path in a layer: (d_out, d_in) at Mistral-7B shapes
+    f"{'mlp' if name in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{name}": shape
+    for name, shape in MISTRAL_SHAPES.items()
 }
 
 

@@ -246,6 +246,14 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _with_extra_peak(fn):
+    """``(fn(), bytes)``: the result and the peak resident memory ``fn`` added (Linux /proc)."""
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before_kb = _status_kb("VmRSS")
+    result = fn()
+    return result, (_status_kb("VmHWM") - before_kb) * 1024
+
+
 def part_memory_child(args) -> dict:
     """Runs in a fresh process: extra peak RSS of one Mistral-shaped merge."""
     from peft_cp_merge import merge_modules
@@ -253,10 +261,7 @@ def part_memory_child(args) -> dict:
     stacks = _mistral_stacks(args.layers, 10, 16, "cpu")
     weights = {name: [0.1] * 10 for name in stacks}
     input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    before_kb = _status_kb("VmRSS")
-    merge_modules(stacks, weights, rank=16, progress=False)
-    extra = (_status_kb("VmHWM") - before_kb) * 1024
+    _, extra = _with_extra_peak(lambda: merge_modules(stacks, weights, rank=16, progress=False))
     return {
         "layers": args.layers,
         "input_GB": input_bytes / 1e9,
@@ -301,14 +306,14 @@ def part_large(args, sync) -> dict:
     for i in range(args.repeats):
         for start in ("randomized", "eigh") if i % 2 == 0 else ("eigh", "randomized"):
             cp_init.RANDOMIZED_MIN_DIM = default_min_dim if start == "randomized" else 1 << 62
-            Path("/proc/self/clear_refs").write_text("5")
-            before_kb = _status_kb("VmRSS")
             sync()
             begin = time.perf_counter()
-            merged = merge_modules(stacks, weights, rank=rank, progress=False)
+            merged, extra = _with_extra_peak(
+                lambda: merge_modules(stacks, weights, rank=rank, progress=False)
+            )
             sync()
             runs[start].append(time.perf_counter() - begin)
-            peaks[start] = (_status_kb("VmHWM") - before_kb) * 1024 / 1e9
+            peaks[start] = extra / 1e9
             errors[start] = merged["module"].rel_error
     cp_init.RANDOMIZED_MIN_DIM = default_min_dim
     row = {

@@ -62,14 +62,18 @@ class DenseForm:
             return torch.einsum("bijk,bir,bkr->bjr", self.tensor, a, c)
         return torch.einsum("bijk,bir,bjr->bkr", self.tensor, a, b)
 
+    def _unfolding(self, mode: int) -> Tensor:
+        """``X_(mode)``: ``(batch, I_mode, product of the other dims)``."""
+        return self.tensor.movedim(mode + 1, 1).flatten(start_dim=2)
+
     def unfolding_gram(self, mode: int) -> Tensor:
         """``X_(mode) X_(mode)^T``: ``(batch, I_mode, I_mode)``."""
-        unfolded = self.tensor.movedim(mode + 1, 1).flatten(start_dim=2)
+        unfolded = self._unfolding(mode)
         return unfolded @ unfolded.mT
 
     def unfolding_gram_times(self, mode: int, x: Tensor) -> Tensor:
         """``X_(mode) X_(mode)^T x`` for ``x`` of shape ``(batch, I_mode, k)``, without the Gram."""
-        unfolded = self.tensor.movedim(mode + 1, 1).flatten(start_dim=2)
+        unfolded = self._unfolding(mode)
         return unfolded @ (unfolded.mT @ x)
 
     def project(self, u1: Tensor, u2: Tensor) -> Tensor:

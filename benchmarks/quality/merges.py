@@ -53,13 +53,13 @@ def merge_core_baseline(
 
     out = {}
     for module, stack in stacks_of(factors).items():
-        ones = weights or [1.0] * len(factors[module])
+        merge_weights = weights or [1.0] * len(factors[module])
         if method == "cat":
-            merged = baselines.merge_cat(stack, ones)
+            merged = baselines.merge_cat(stack, merge_weights)
         elif method == "svd":
-            merged = baselines.merge_svd(stack, ones, rank=rank)
+            merged = baselines.merge_svd(stack, merge_weights, rank=rank)
         elif method == "tsv":
-            merged = baselines.merge_tsv(stack, ones, rank=rank)
+            merged = baselines.merge_tsv(stack, merge_weights, rank=rank)
         else:
             raise ValueError(f"Unknown core baseline {method!r}; expected cat, svd or tsv")
         out[module] = merged

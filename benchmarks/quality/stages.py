@@ -260,9 +260,11 @@ def stage_merge(part: str) -> None:
     model, tok = load()
     data = load_tasks()
     dirs = _adapter_dirs(part)
-    size_spec = next(s for s in SPECS if s.id in SIZE_WEIGHTED)
-    if part != "per_task" and len(set(_base_weights(size_spec, dirs))) == 1:
-        specs = [s for s in specs if s.id not in SIZE_WEIGHTED]  # equal sizes: the uniform specs
+    if part != "per_task":
+        from library_build import clora_sizes
+
+        if len(set(clora_sizes(dirs))) == 1:  # equal sizes: the size specs are the uniform ones
+            specs = [s for s in specs if s.id not in SIZE_WEIGHTED]
     n = len(dirs)
     factor_maps = {name: load_lora_factors(d) for name, d in dirs.items()}
     modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))

@@ -10,9 +10,9 @@ Anything that would silently give a wrong merged adapter (DoRA, LoRA biases, tra
 ``modules_to_save``, LoRA variants whose forward is not ``x -> s B A x``, weights that belong to a
 modified base model) is refused when the folder is opened, with the reason.
 
-Output goes to a hidden temporary folder beside the destination and is renamed into place only
-when complete (:func:`atomic_directory`); the weights file is streamed tensor by tensor
-(:func:`stream_safetensors`), so writing never holds the whole merged adapter in memory.
+The weights file of a merged adapter is streamed tensor by tensor (:func:`stream_safetensors`), so
+writing never holds the whole merged adapter in memory; the folder around it is made safely by
+:mod:`.output_folder`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,14 +30,13 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftConfig
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 __all__ = [
     "AdapterError",
     "AdapterFolder",
     "AdapterModule",
-    "atomic_directory",
     "layer_index",
     "module_sort_key",
     "open_adapter_folder",
@@ -200,6 +197,10 @@ def _check_config(path: Path, config: PeftConfig) -> LoraConfig:
         raise _refuse(
             path, f"bias={config.bias!r} is not supported: trained base-model biases are not low-rank"
         )
+    for field in ("r", "lora_alpha"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise _refuse(path, f"{CONFIG_NAME}: {field} must be a positive number, got {value!r}")
     init = config.init_lora_weights
     if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
         raise _refuse(
@@ -267,8 +268,9 @@ def open_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
         The :class:`AdapterFolder`; no tensor is read.
 
     Raises:
-        AdapterError: Missing files, a non-LoRA or unsupported adapter, or tensors that are not
-            LoRA factors. The message names the folder and the reason.
+        AdapterError: Missing or unreadable files (invalid JSON, a truncated safetensors file), a
+            non-LoRA or unsupported adapter, or tensors that are not LoRA factors. The message names
+            the folder and the reason.
 
     Example:
         >>> adapter = open_adapter_folder("adapters/math")  # doctest: +SKIP
@@ -281,11 +283,20 @@ def open_adapter_folder(path: str | os.PathLike) -> AdapterFolder:
     if not (path / WEIGHTS_NAME).is_file():
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         raise _refuse(path, f"no {WEIGHTS_NAME} (found {found}); only safetensors weights are supported")
-    config = _check_config(path, PeftConfig.from_pretrained(str(path)))
-    with safe_open(path / WEIGHTS_NAME, framework="pt") as f:
-        slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
-        dtypes = {s.get_dtype() for s in slices.values()}
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise _refuse(path, f"{CONFIG_NAME} cannot be read: {_one_line(exc)}") from None
+    config = _check_config(path, config)
+    try:
+        with safe_open(path / WEIGHTS_NAME, framework="pt") as f:
+            slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+            dtypes = {s.get_dtype() for s in slices.values()}
+    except (SafetensorError, OSError) as exc:
+        raise _refuse(
+            path, f"{WEIGHTS_NAME} is truncated or not a safetensors file: {_one_line(exc)}"
+        ) from None
     if not dtypes <= set(_DTYPES):
         raise _refuse(
             path, f"unsupported dtype(s) {sorted(dtypes - set(_DTYPES))}; expected {sorted(_DTYPES)}"
@@ -309,13 +320,21 @@ def read_factors(
         ``{name: (A (r, d_in), B (d_out, r))}`` in the file's dtype, unscaled.
     """
     out = {}
-    with safe_open(adapter.weights_path, framework="pt", device=str(device)) as f:
-        for name in names:
-            module = adapter.modules[name]
-            lora_A = f.get_tensor(module.key_A).reshape(module.rank, module.d_in)
-            lora_B = f.get_tensor(module.key_B).reshape(module.d_out, module.rank)
-            out[name] = (lora_A, lora_B)
+    try:
+        with safe_open(adapter.weights_path, framework="pt", device=str(device)) as f:
+            for name in names:
+                module = adapter.modules[name]
+                lora_A = f.get_tensor(module.key_A).reshape(module.rank, module.d_in)
+                lora_B = f.get_tensor(module.key_B).reshape(module.d_out, module.rank)
+                out[name] = (lora_A, lora_B)
+    except (SafetensorError, OSError) as exc:  # e.g. changed or truncated since it was opened
+        raise _refuse(adapter.path, f"{WEIGHTS_NAME} cannot be read: {_one_line(exc)}") from None
     return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 @contextmanager
@@ -380,49 +399,3 @@ def stream_safetensors(
             raise ValueError(f"{len(missing)} tensor(s) were never written, e.g. {missing[:3]}")
         file.flush()
         os.fsync(file.fileno())
-
-
-@contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a folder under a temporary name and move it to ``out_dir`` only when complete.
-
-    The temporary folder (``.<name>.<random>.partial`` beside ``out_dir``) is removed if the block
-    raises or is interrupted, so ``out_dir`` either keeps its previous state or holds the complete
-    new content.
-
-    Args:
-        out_dir: Destination folder.
-        overwrite: Replace an existing ``out_dir`` (only after the new content is complete).
-
-    Yields:
-        The temporary folder to fill.
-
-    Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is false, or it is not a folder.
-
-    Example:
-        >>> with atomic_directory("merged") as tmp:  # doctest: +SKIP
-        ...     (tmp / "adapter_config.json").write_text("{}")
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not overwrite or not out_dir.is_dir()):
-        what = "is not a folder" if not out_dir.is_dir() else "exists (pass overwrite to replace it)"
-        raise FileExistsError(f"Output {out_dir} {what}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = tmp.with_suffix(".old")
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                old.rename(out_dir)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

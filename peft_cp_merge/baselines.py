@@ -15,7 +15,8 @@ same combination of the ``M x M`` core slices ``G_i``. So these merges never for
   its SVD. The paper's global scale ``alpha`` is the merge weights' job here: with adapters in
   mutually orthogonal subspaces ``U_perp = U`` and the result is the weighted sum.
 
-Each returns a :class:`~.merge.MergedLora` with scaling 1, whose ``rel_error`` is the relative
+Each returns a :class:`~.merge.MergedLora` with scaling 1: ``rel_error`` is the relative distance to
+the exact weighted sum (0 for ``cat``, the truncation error for ``svd``), ``fit_error`` the relative
 Frobenius norm dropped by the rank truncation (0 for ``cat``).
 
 References:
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .compression import CompressedLora, LoraCore, LoraStack, compress, lift
-from .merge import MergedLora
+from .merge import MergedLora, weighted_sum_error
 
 __all__ = ["TaskSVD", "core_slices", "merge_cat", "merge_svd", "merge_tsv", "polar", "task_svd"]
 
@@ -101,10 +102,13 @@ def _check_rank(rank: int) -> None:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
 
 
-def _truncated(stack: LoraStack, compressed: CompressedLora, delta: Tensor, rank: int) -> MergedLora:
+def _truncated(
+    stack: LoraStack, compressed: CompressedLora, delta: Tensor, rank: int, weights: Tensor
+) -> MergedLora:
     """Rank-``rank`` SVD truncation of the core-space delta ``(M, M)``, lifted to ``lora_A``/``lora_B``."""
     u, s, vh = torch.linalg.svd(delta)
     kept = min(rank, s.numel())
+    rel_error = weighted_sum_error((u[:, :kept] * s[:kept]) @ vh[:kept], compressed.core, 0, weights)
     root = s[:kept].sqrt()
     out_dtype = stack.lora_A[0].dtype
     lora_B = lift((u[:, :kept] * root)[None], stack.cat_B(), compressed.basis_B, out_dtype=out_dtype)[0]
@@ -113,8 +117,8 @@ def _truncated(stack: LoraStack, compressed: CompressedLora, delta: Tensor, rank
         lora_A = torch.cat([lora_A, lora_A.new_zeros(rank - kept, lora_A.shape[1])])
         lora_B = torch.cat([lora_B, lora_B.new_zeros(lora_B.shape[0], rank - kept)], dim=1)
     total = s.square().sum()
-    rel_error = float((s[kept:].square().sum() / total).sqrt()) if total > 0 else 0.0
-    return MergedLora(lora_A=lora_A, lora_B=lora_B, rel_error=rel_error)
+    fit_error = float((s[kept:].square().sum() / total).sqrt()) if total > 0 else 0.0
+    return MergedLora(lora_A=lora_A, lora_B=lora_B, rel_error=rel_error, fit_error=fit_error)
 
 
 @torch.no_grad()
@@ -137,7 +141,7 @@ def merge_cat(stack: LoraStack, weights: Sequence[float] | Tensor) -> MergedLora
     w = _merge_weights(stack, weights)
     factors = (w * stack.scales[0].to(w)).tolist()
     lora_A = torch.cat([f * a[0] for f, a in zip(factors, stack.lora_A, strict=True)])
-    return MergedLora(lora_A=lora_A, lora_B=stack.cat_B()[0], rel_error=0.0)
+    return MergedLora(lora_A=lora_A, lora_B=stack.cat_B()[0], rel_error=0.0, fit_error=0.0)
 
 
 @torch.no_grad()
@@ -161,7 +165,7 @@ def merge_svd(stack: LoraStack, weights: Sequence[float] | Tensor, *, rank: int)
     w = _merge_weights(stack, weights)
     compressed = compress(stack)
     delta = torch.einsum("n,nij->ij", w.to(compressed.core.left), core_slices(compressed.core)[0])
-    return _truncated(stack, compressed, delta, rank)
+    return _truncated(stack, compressed, delta, rank, w)
 
 
 @torch.no_grad()
@@ -187,4 +191,4 @@ def merge_tsv(stack: LoraStack, weights: Sequence[float] | Tensor, *, rank: int)
     svd = task_svd(core_slices(compressed.core)[0])
     sigma = w.to(svd.S)[svd.owner] * svd.S
     delta = (polar(svd.U) * sigma) @ polar(svd.V).T
-    return _truncated(stack, compressed, delta, rank)
+    return _truncated(stack, compressed, delta, rank, w)

@@ -20,23 +20,62 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .adapter_io import AdapterError
+from . import __version__
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from .analysis import analyze_adapter_folders
 from .analysis_report import format_report, plot_report, write_report_json
 from .cp_init import INITS
-from .folder_merge import CP_OPTIONS, DEFAULT_GROUP_BYTES, check_output_dir, merge_adapter_folders
+from .folder_merge import CP_OPTIONS, DEFAULT_GROUP_BYTES, check_values, merge_adapter_folders
+from .input_checks import check_device
 from .merge import AGGREGATIONS
 from .merge_plan import METHODS, plan_merge
+from .output_folder import OutputError, check_output_dir
 
-__all__ = ["build_parser", "main", "run_analyze", "run_build_library", "run_merge"]
+__all__ = [
+    "EXIT_FAULT",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+    "run_analyze",
+    "run_build_library",
+    "run_merge",
+]
 
 _PROG = "peft-cp-merge"
-# Errors that mean "the request cannot be carried out as given": reported in one line, exit code 1.
-_USER_ERRORS = (AdapterError, ValueError, FileExistsError, FileNotFoundError)
+EXIT_USAGE = 2  # the request cannot be carried out as given (argparse's code for usage errors)
+EXIT_FAULT = 1  # a fault while carrying it out (disk full, out of memory, an unexpected error)
+# Errors that mean "the request cannot be carried out as given": one line, exit code 2.
+_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _number(kind: Callable[[str], float], low: float, *, inclusive: bool = True, what: str):
+    """An argparse type: a number of ``kind`` at least ``low`` (or above it), with a clear error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (not inclusive and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, what="an integer >= 1")
+_non_negative = _number(float, 0.0, what="a finite number >= 0")
+_positive = _number(float, 0.0, inclusive=False, what="a number > 0")
+_finite = _number(float, -math.inf, what="a finite number")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +87,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--group-mb",
-        type=float,
+        type=_positive,
         default=DEFAULT_GROUP_BYTES / 2**20,
         help="MiB of adapter factors read at a time; bounds peak memory (default %(default)g)",
     )
@@ -89,23 +128,41 @@ def _add_merge_parser(subparsers) -> None:
     parser.add_argument(
         "--weights",
         nargs="+",
-        type=float,
+        type=_finite,
         metavar="W",
         help="one merge weight per adapter (required without --library)",
     )
-    parser.add_argument("--rank", type=int, help="rank R of the merged adapter (not with --method cat)")
-    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="folder to create")
-    parser.add_argument("--method", choices=METHODS, default="cp", help="merge method (default: cp)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument(
-        "--dry-run", action="store_true", help="check the inputs, print what would be merged, write nothing"
+        "--rank",
+        type=_positive_int,
+        help="rank R of the merged adapter (not with --method cat); at most the largest sum of the "
+        "adapters' ranks in a module (above it only zeros would be added: refused)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT_DIR",
+        help="folder to create; never an input, inside one, around one, or the current directory",
+    )
+    parser.add_argument("--method", choices=METHODS, default="cp", help="merge method (default: cp)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if it is a merge this tool wrote (has its merge_info.json) or empty; "
+        "any other folder is refused",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the inputs (configs, shapes, every value for NaN/Inf), the rank and OUT_DIR, print "
+        "what would be merged, write nothing",
     )
     cp = parser.add_argument_group("cp options (defaults: those of peft_cp_merge.merge_modules)")
     cp.add_argument("--aggregation", choices=AGGREGATIONS, help="how adapter loadings become gains")
     cp.add_argument("--init", choices=INITS, help="CP-ALS initialisation")
-    cp.add_argument("--n-iter-max", type=int, help="maximum ALS sweeps")
-    cp.add_argument("--tol", type=float, help="ALS stopping tolerance")
-    cp.add_argument("--l2", type=float, help="relative ridge term of the ALS")
+    cp.add_argument("--n-iter-max", type=_positive_int, help="maximum ALS sweeps")
+    cp.add_argument("--tol", type=_non_negative, help="ALS stopping tolerance")
+    cp.add_argument("--l2", type=_non_negative, help="relative ridge term of the ALS")
     cp.add_argument("--seed", type=int, help="seed of every random number")
     _add_common(parser)
     parser.set_defaults(run=run_merge)
@@ -130,12 +187,18 @@ def _add_analyze_parser(subparsers) -> None:
         "--rank",
         dest="ranks",
         nargs="+",
-        type=int,
+        type=_positive_int,
         metavar="R",
         help="CP ranks to fit (default: the largest adapter rank r and 2r)",
     )
-    parser.add_argument("--out", metavar="REPORT_DIR", help="write report.json and plots here")
-    parser.add_argument("--top", type=int, default=15, help="rows in the worst-modules table (default 15)")
+    parser.add_argument(
+        "--out",
+        metavar="REPORT_DIR",
+        help="write report.json and plots here (not into an adapter folder or an input)",
+    )
+    parser.add_argument(
+        "--top", type=_positive_int, default=15, help="rows in the worst-modules table (default 15)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of CP-ALS (default 0)")
     _add_common(parser)
     parser.set_defaults(run=run_analyze)
@@ -204,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="Merge LoRA adapter folders by a joint CP decomposition, and see where they interfere.",
+        epilog="Exit status: 0 done, 2 bad input or usage (nothing written), 1 a fault while working "
+        "(disk full, out of memory); errors are one line, -v adds the traceback.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_merge_parser(subparsers)
     _add_analyze_parser(subparsers)
@@ -225,7 +291,9 @@ def run_merge(args: argparse.Namespace) -> int:
         args.adapters, args.weights, args.rank = list(inputs.adapter_dirs), list(inputs.weights), inputs.rank
     elif not args.adapters or args.weights is None:
         raise ValueError("Give ADAPTER_DIR arguments with --weights, or --library")
+    device = check_device(args.device)
     if args.dry_run:
+        check_output_dir(args.out, args.adapters, overwrite=args.overwrite)
         plan = plan_merge(
             args.adapters,
             weights=args.weights,
@@ -233,7 +301,7 @@ def run_merge(args: argparse.Namespace) -> int:
             method=args.method,
             allow_different_base=args.allow_different_base,
         )
-        check_output_dir(args.out, args.adapters, overwrite=args.overwrite)
+        check_values(plan, device=device, group_bytes=int(args.group_mb * 2**20))
         print(plan.format_table())
         print(f"Dry run: nothing written; would write {args.out}")
         return 0
@@ -244,7 +312,7 @@ def run_merge(args: argparse.Namespace) -> int:
         weights=args.weights,
         rank=args.rank,
         method=args.method,
-        device=args.device,
+        device=device,
         overwrite=args.overwrite,
         allow_different_base=args.allow_different_base,
         cp_options=cp_options,
@@ -254,21 +322,19 @@ def run_merge(args: argparse.Namespace) -> int:
     errors = [e for e in result.rel_errors.values() if e is not None]
     print(
         f"Wrote {result.out_dir}: method {result.plan.method}, rank {result.plan.rank}, "
-        f"{len(result.plan.modules)} modules in {result.seconds:.1f} s; relative error "
-        f"mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}"
+        f"{len(result.plan.modules)} modules in {result.seconds:.1f} s; distance to the weighted sum "
+        f"(relative) mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}"
     )
     return 0
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     """``analyze``: :func:`~.analysis.analyze_adapter_folders`, printed and optionally written."""
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise FileExistsError(f"Report folder {out} exists and is not a folder")
+    out = _report_dir(args.out, args.adapters) if args.out else None
     report = analyze_adapter_folders(
         args.adapters,
         ranks=args.ranks,
-        device=args.device,
+        device=check_device(args.device),
         allow_different_base=args.allow_different_base,
         seed=args.seed,
         group_bytes=int(args.group_mb * 2**20),
@@ -284,6 +350,17 @@ def run_analyze(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"No plots: {exc}", file=sys.stderr)
     return 0
+
+
+def _report_dir(out: str, adapters: Sequence[str]) -> Path:
+    """Refuse a report folder that overlaps an input or the current directory, or holds an adapter."""
+    path = check_output_dir(out, adapters, marker=None)
+    found = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if (path / name).exists()]
+    if found:
+        raise OutputError(
+            f"Report folder {path} holds an adapter ({', '.join(found)}); choose a folder of its own"
+        )
+    return path
 
 
 def run_build_library(args: argparse.Namespace) -> int:
@@ -333,16 +410,54 @@ def run_build_library(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{_PROG}: warning: {message}\n"
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM ends the run like Ctrl-C does, so temporary output is removed on the way out."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _error(exc: BaseException, verbose: bool) -> str:
+    if verbose:
+        traceback.print_exc()
+    if isinstance(exc, _USER_ERRORS):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot read or write{where}: {exc.strerror or exc}"
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return f"out of memory ({type(exc).__name__}); try a smaller --group-mb, or another device"
+    hint = "" if verbose else " (run with -v for the traceback)"
+    first = str(exc).strip().splitlines()
+    return f"unexpected {type(exc).__name__}: {first[0] if first else ''}{hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``peft-cp-merge`` and ``python -m peft_cp_merge``; returns the exit code."""
+    """Entry point of ``peft-cp-merge`` and ``python -m peft_cp_merge``; returns the exit code.
+
+    Every expected failure is one line ``peft-cp-merge: error: ...`` on stderr: exit status 2 for
+    input that cannot be carried out as given (bad arguments, unreadable or unsupported adapters, an
+    unsafe output folder; nothing is written), 1 for faults while working (I/O errors, out of memory,
+    anything unexpected). ``-v`` adds the traceback. SIGTERM and Ctrl-C remove partial output.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if "group_mb" in vars(args) and args.group_mb <= 0:
-        parser.error(f"--group-mb must be positive, got {args.group_mb}")
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return args.run(args)
-    except _USER_ERRORS as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"{_PROG}: error: {_error(exc, args.verbose)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, _USER_ERRORS) else EXIT_FAULT
+    finally:
+        warnings.formatwarning = formatwarning
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

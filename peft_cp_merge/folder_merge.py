@@ -14,11 +14,13 @@ group plus small per-module cores, whatever the number of layers.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,14 +31,16 @@ import peft
 import torch
 from tqdm.auto import tqdm
 
-from .adapter_io import WEIGHTS_NAME, atomic_directory, read_factors, stream_safetensors
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_factors, stream_safetensors
 from .baselines import merge_cat, merge_svd, merge_tsv
 from .compression import LoraStack
 from .cp_als import check_options
+from .input_checks import check_device, check_factor_values
 from .merge import AGGREGATIONS, MergedLora, merge_modules
 from .merge_plan import MergePlan, ModulePlan, plan_merge
+from .output_folder import MARKER, TOOL_NAME, atomic_directory, check_output_dir
 
-__all__ = ["CP_OPTIONS", "MergeResult", "check_output_dir", "iter_module_stacks", "merge_adapter_folders"]
+__all__ = ["CP_OPTIONS", "MergeResult", "check_values", "iter_module_stacks", "merge_adapter_folders"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +55,25 @@ class MergeResult:
     Attributes:
         out_dir: The written adapter folder.
         plan: The plan that was carried out.
-        rel_errors: Module name -> relative error of the merge's fit or truncation.
+        modules: Module name -> its :class:`~.merge.MergedLora` without the factors (``rel_error``:
+            distance to the exact weighted sum; ``fit_error``, ``n_iter``, ``converged``).
         seconds: Wall time of reading, merging and writing.
     """
 
     out_dir: Path
     plan: MergePlan
-    rel_errors: Mapping[str, float | None]
+    modules: Mapping[str, MergedLora]
     seconds: float
+
+    @property
+    def rel_errors(self) -> dict[str, float | None]:
+        """Module name -> distance of the merged delta to the exact weighted sum (relative)."""
+        return {name: m.rel_error for name, m in self.modules.items()}
+
+    @property
+    def not_converged(self) -> list[str]:
+        """Modules whose CP-ALS stopped at ``n_iter_max`` before meeting its tolerance."""
+        return [name for name, m in self.modules.items() if m.converged is False]
 
 
 def iter_module_stacks(
@@ -75,6 +90,11 @@ def iter_module_stacks(
         ``{module name: LoraStack}`` for consecutive modules in plan order; each stack has batch size
         1 and holds the adapters present in that module (``plan.modules[k].adapters``), cast to
         ``plan.dtype``.
+
+    Raises:
+        AdapterError: A weights file that cannot be read.
+        ValueError: Factors with NaN/Inf or overflowing values
+            (:func:`~.input_checks.check_factor_values`), naming the adapter, module and tensor.
     """
     if group_bytes < 1:
         raise ValueError(f"group_bytes must be positive, got {group_bytes}")
@@ -82,8 +102,9 @@ def iter_module_stacks(
         factors: dict[str, list] = {m.name: [] for m in group}
         for index, adapter in enumerate(plan.adapters):
             names = [m.name for m in group if index in m.adapters]
-            for name, pair in read_factors(adapter, names, device=device).items():
-                factors[name].append(tuple(t.to(plan.dtype) for t in pair))
+            for name, (lora_A, lora_B) in read_factors(adapter, names, device=device).items():
+                check_factor_values(lora_A, lora_B, where=f"{adapter.path}: module {name!r}")
+                factors[name].append((lora_A.to(plan.dtype), lora_B.to(plan.dtype)))
         yield {
             m.name: LoraStack(
                 [a[None] for a, _ in factors[m.name]], [b[None] for _, b in factors[m.name]], m.scales
@@ -125,15 +146,24 @@ def _pad(merged: MergedLora, rank: int) -> MergedLora:
     missing = rank - merged.lora_A.shape[0]
     lora_A = torch.cat([merged.lora_A, merged.lora_A.new_zeros(missing, merged.lora_A.shape[1])])
     lora_B = torch.cat([merged.lora_B, merged.lora_B.new_zeros(merged.lora_B.shape[0], missing)], dim=1)
-    return MergedLora(lora_A=lora_A, lora_B=lora_B, rel_error=merged.rel_error)
+    return dataclasses.replace(merged, lora_A=lora_A, lora_B=lora_B)
+
+
+def check_values(
+    plan: MergePlan, *, device: torch.device | str = "cpu", group_bytes: int = DEFAULT_GROUP_BYTES
+) -> None:
+    """Read every planned factor once and refuse NaN/Inf or overflowing values (``--dry-run``).
+
+    Raises:
+        AdapterError, ValueError: See :func:`iter_module_stacks`.
+    """
+    for _ in iter_module_stacks(plan, device=device, group_bytes=group_bytes):
+        pass
 
 
 def _check_cp_options(rank: int | None, cp_options: Mapping[str, object]) -> None:
     """Check the CP options with the engine's own rules, before anything is read."""
-    defaults = {
-        k: p.default for k, p in inspect.signature(merge_modules).parameters.items() if k in CP_OPTIONS
-    }
-    options = {**defaults, **cp_options}
+    options = {**_cp_defaults(), **cp_options}
     if options["aggregation"] not in AGGREGATIONS:
         raise ValueError(
             f"Unknown aggregation {options['aggregation']!r}; expected one of {list(AGGREGATIONS)}"
@@ -148,27 +178,6 @@ def _check_cp_options(rank: int | None, cp_options: Mapping[str, object]) -> Non
             options["seed"],
             torch.float64,
         )
-
-
-def check_output_dir(
-    out_dir: str | os.PathLike, adapter_dirs: Sequence[str | os.PathLike], *, overwrite: bool
-) -> None:
-    """Refuse an output folder that exists (unless ``overwrite``) or that is one of the inputs.
-
-    Raises:
-        ValueError: ``out_dir`` is one of ``adapter_dirs``.
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is false, or it is not a folder.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.resolve() in {Path(d).resolve() for d in adapter_dirs}:
-        raise ValueError(f"The output folder {out_dir} is one of the inputs")
-    if out_dir.exists() and (not overwrite or not out_dir.is_dir()):
-        what = (
-            "is not a folder"
-            if not out_dir.is_dir()
-            else "exists (pass overwrite / --overwrite to replace it)"
-        )
-        raise FileExistsError(f"Output {out_dir} {what}")
 
 
 @torch.no_grad()
@@ -199,7 +208,8 @@ def merge_adapter_folders(
         rank: Rank ``R`` of the merged adapter; ``None`` for ``"cat"``.
         method: One of :data:`METHODS`.
         device: Where to compute (``"cpu"`` or ``"cuda"``).
-        overwrite: Replace an existing ``out_dir``.
+        overwrite: Replace an existing ``out_dir``, which must be a folder this tool wrote (with its
+            ``merge_info.json``) or empty.
         allow_different_base: Merge adapters made for different base models (with a warning).
         cp_options: Options of :func:`~.merge.merge_modules` for ``"cp"``, any of
             ``aggregation, init, n_iter_max, tol, l2, seed``.
@@ -209,8 +219,17 @@ def merge_adapter_folders(
     Returns:
         The :class:`MergeResult`.
 
+    Warns:
+        UserWarning: Modules whose CP-ALS stopped at ``n_iter_max`` (their fit may improve with more
+            sweeps); each module's iterations and convergence are in ``merge_info.json``.
+
     Raises:
-        ValueError, AdapterError: See :func:`plan_merge`; also unknown ``cp_options``.
+        ValueError, AdapterError: See :func:`plan_merge`; also unknown ``cp_options``, an unknown or
+            absent device, factors with NaN/Inf or overflowing values (naming adapter, module and
+            tensor).
+        OutputError: ``out_dir`` overlaps an input or the current directory, exists with content this
+            tool did not write (even with ``overwrite``), or is being written by another process
+            (:mod:`.output_folder`).
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
 
     Example:
@@ -227,9 +246,7 @@ def merge_adapter_folders(
         _check_cp_options(rank, cp_options)
     if group_bytes < 1:
         raise ValueError(f"group_bytes must be positive, got {group_bytes}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available")
+    device = check_device(device)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, adapter_dirs, overwrite=overwrite)
     plan = plan_merge(
@@ -237,9 +254,9 @@ def merge_adapter_folders(
     )
     start = time.perf_counter()
     layout = [entry for m in plan.modules for entry in ((m.key_A, m.shape_A), (m.key_B, m.shape_B))]
-    rel_errors: dict[str, float | None] = {}
+    merged_modules: dict[str, MergedLora] = {}
     with (
-        atomic_directory(out_dir, overwrite=overwrite) as tmp,
+        atomic_directory(out_dir, overwrite=overwrite, inputs=adapter_dirs) as tmp,
         stream_safetensors(tmp / WEIGHTS_NAME, layout, dtype=plan.dtype) as write,
         tqdm(total=len(plan.modules), desc=f"Merging ({method})", unit="module", disable=not progress) as bar,
     ):
@@ -247,15 +264,47 @@ def merge_adapter_folders(
         for stacks in iter_module_stacks(plan, device=device, group_bytes=group_bytes):
             logger.info("Merging %d modules from %s", len(stacks), next(iter(stacks)))
             for name, merged in _merge_group(plan, stacks, cp_options).items():
-                write(modules[name].key_A, merged.lora_A.reshape(modules[name].shape_A))
-                write(modules[name].key_B, merged.lora_B.reshape(modules[name].shape_B))
-                rel_errors[name] = merged.rel_error
+                module = modules[name]
+                lora_A = merged.lora_A.to(plan.dtype).reshape(module.shape_A)
+                lora_B = merged.lora_B.to(plan.dtype).reshape(module.shape_B)
+                check_factor_values(lora_A, lora_B, where=f"the merged adapter's module {name!r}")
+                write(module.key_A, lora_A)
+                write(module.key_B, lora_B)
+                merged_modules[name] = dataclasses.replace(
+                    merged, lora_A=torch.empty(0), lora_B=torch.empty(0)
+                )
             bar.update(len(stacks))
         seconds = time.perf_counter() - start
-        result = MergeResult(out_dir=out_dir, plan=plan, rel_errors=rel_errors, seconds=seconds)
-        plan.merged_config().save_pretrained(str(tmp))
+        result = MergeResult(out_dir=out_dir, plan=plan, modules=merged_modules, seconds=seconds)
+        _save_config(plan, tmp)
         _write_provenance(tmp, result, device=str(device), cp_options=cp_options)
+    _warn_not_converged(result, cp_options)
     return result
+
+
+def _save_config(plan: MergePlan, folder: Path) -> None:
+    """The merged config, with ``target_modules`` as a sorted list (PEFT keeps a set: random order)."""
+    plan.merged_config().save_pretrained(str(folder))
+    path = folder / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config["target_modules"] = [m.name for m in plan.modules]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _warn_not_converged(result: MergeResult, cp_options: Mapping[str, object]) -> None:
+    late = result.not_converged
+    if late:
+        n_iter_max = cp_options.get("n_iter_max", _cp_defaults()["n_iter_max"])
+        warnings.warn(
+            f"{len(late)} of {len(result.modules)} modules stopped at n_iter_max={n_iter_max} before "
+            f"converging (e.g. {late[0]!r}); their CP fit may improve with a larger n_iter_max "
+            "(--n-iter-max). Per-module iterations and fit are in merge_info.json",
+            stacklevel=3,
+        )
+
+
+def _cp_defaults() -> dict[str, object]:
+    return {k: p.default for k, p in inspect.signature(merge_modules).parameters.items() if k in CP_OPTIONS}
 
 
 def _provenance(result: MergeResult, *, device: str, cp_options: Mapping[str, object]) -> dict:
@@ -266,7 +315,7 @@ def _provenance(result: MergeResult, *, device: str, cp_options: Mapping[str, ob
         tool_version = "unknown"
     errors = [e for e in result.rel_errors.values() if e is not None]
     return {
-        "tool": f"peft-cp-merge {tool_version}",
+        "tool": f"{TOOL_NAME} {tool_version}",
         "peft": peft.__version__,
         "torch": torch.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -289,11 +338,28 @@ def _provenance(result: MergeResult, *, device: str, cp_options: Mapping[str, ob
             for adapter, weight in zip(plan.adapters, plan.weights, strict=True)
         ],
         "modules": len(plan.modules),
+        "rel_error_meaning": _REL_ERROR_MEANING,
         "rel_error_mean": sum(errors) / len(errors) if errors else None,
         "rel_error_max": max(errors) if errors else None,
-        "module_rel_error": dict(result.rel_errors),
+        "not_converged": result.not_converged,
+        "module_stats": {
+            name: {
+                "rel_error": m.rel_error,
+                "fit_error": m.fit_error,
+                "n_iter": m.n_iter,
+                "converged": m.converged,
+            }
+            for name, m in result.modules.items()
+        },
         "seconds": round(result.seconds, 3),
     }
+
+
+_REL_ERROR_MEANING = (
+    "rel_error: ||merged delta - sum_i w_i dW_i||_F / ||sum_i w_i dW_i||_F per module, the distance to "
+    "the exact weighted sum (method cat); fit_error: the method's own fit (cp: CP fit of the stacked "
+    "deltas; svd, tsv: share dropped by the rank truncation); n_iter, converged: CP-ALS sweeps (cp only)"
+)
 
 
 def _write_provenance(
@@ -305,8 +371,8 @@ def _write_provenance(
     beside it rather than in it.
     """
     info = _provenance(result, device=device, cp_options=cp_options)
-    (folder / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    summary = {k: v for k, v in info.items() if k != "module_rel_error"}
+    (folder / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    summary = {k: v for k, v in info.items() if k not in ("module_stats", "rel_error_meaning")}
     rows = "\n".join(
         f"| `{item['path']}` | {item['weight']:g} | {item['r']} | {item['lora_alpha']:g} |"
         for item in info["inputs"]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .compression import CompressedLora, LoraStack, compress_many, lift
+from .compression import CompressedLora, LoraCore, LoraStack, compress_many, lift
 from .cp_als import CPResult, canonicalize, cp_als
 
 __all__ = [
@@ -34,8 +34,10 @@ __all__ = [
     "DISJOINT_THRESHOLD",
     "MergedLora",
     "aggregate_loadings",
+    "core_coordinates",
     "default_rank",
     "merge_modules",
+    "weighted_sum_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,13 +71,59 @@ class MergedLora:
     Attributes:
         lora_A: ``(R, d_in)``.
         lora_B: ``(d_out, R)``.
-        rel_error: Relative error of the CP fit of the module's stacked deltas (``None`` for merges
-            that fit nothing).
+        rel_error: The one meaning of "relative error" for every method:
+            ``||delta - sum_i w_i dW_i||_F / ||sum_i w_i dW_i||_F``, the distance of the merged delta
+            to the exact weighted sum (PEFT's ``"cat"``). 0 for ``"cat"``; for methods that rescale
+            on purpose (TSV, disjoint CP) it says how far they moved from the plain sum.
+        fit_error: The method's own fit: the CP fit ``||T - T_hat|| / ||T||`` of the stacked deltas
+            for ``"cp"``, the share of the merged delta dropped by the rank truncation for ``"svd"``
+            and ``"tsv"``, 0 for ``"cat"``; ``None`` where a method fits nothing.
+        n_iter: ALS sweeps run (``"cp"`` only).
+        converged: Whether the ALS met its tolerance before ``n_iter_max`` (``"cp"`` only).
     """
 
     lora_A: Tensor
     lora_B: Tensor
     rel_error: float | None = None
+    fit_error: float | None = None
+    n_iter: int | None = None
+    converged: bool | None = None
+
+
+def core_coordinates(factor: Tensor, cat: Tensor, basis: Tensor) -> Tensor:
+    """Coordinates ``Q^T factor`` of a lifted factor in the core basis ``Q = cat @ basis`` (one module).
+
+    Args:
+        factor: ``(d, R)`` in the adapters' space (e.g. a merged ``lora_B``, or ``lora_A^T``).
+        cat: ``Bcat`` ``(d_out, M)`` or ``Acat^T`` ``(d_in, M)``.
+        basis: The matching ``(M, M)`` basis of :class:`~.compression.CompressedLora`.
+
+    Returns:
+        ``(M, R)`` float64; exact when ``factor`` lies in the span of ``cat`` (every merge here).
+    """
+    work = torch.promote_types(cat.dtype, torch.float32)
+    return basis.mT.to(torch.float64) @ (cat.mT.to(work) @ factor.to(work)).to(torch.float64)
+
+
+def weighted_sum_error(delta_core: Tensor, core: LoraCore, index: int, merge_weights: Tensor) -> float:
+    """``||delta - sum_i w_i dW_i||_F / ||sum_i w_i dW_i||_F``, exactly, from core coordinates.
+
+    Args:
+        delta_core: ``(M, M)`` the merged delta in core coordinates (``Q_B^T delta Q_A``).
+        core: The compressed core of the stack.
+        index: The module's batch index in ``core``.
+        merge_weights: ``w`` ``(N,)``.
+
+    Returns:
+        The relative distance (0 when the weighted sum is zero and so is the merge).
+    """
+    left, right = core.left[index].to(torch.float64), core.right[index].to(torch.float64)
+    ranks = torch.tensor(core.ranks, device=left.device)
+    column_weights = torch.repeat_interleave(merge_weights.to(left), ranks)
+    target = (left * column_weights) @ right.mT
+    norm = float(torch.linalg.matrix_norm(target))
+    distance = float(torch.linalg.matrix_norm(delta_core.to(target) - target))
+    return distance / norm if norm > 0 else distance
 
 
 def aggregate_loadings(weights: Tensor, loadings: Tensor, merge_weights: Tensor, aggregation: str) -> Tensor:
@@ -235,6 +283,11 @@ def _lift_module(
     cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
     gains = aggregate_loadings(cp_weights, c, merge_weights[None].to(c.device), aggregation)[0]
     lora_A, lora_B = _split_gains(u[0], v[0], gains)
+    delta_core = (
+        core_coordinates(lora_B, stack.cat_B()[0], compressed.basis_B[index])
+        @ core_coordinates(lora_A.mT, stack.cat_A()[0].mT, compressed.basis_A[index]).mT
+    )
+    rel_error = weighted_sum_error(delta_core, compressed.core, index, merge_weights)
     missing = rank - lora_A.shape[0]
     if missing > 0:
         lora_A = torch.cat([lora_A, lora_A.new_zeros(missing, lora_A.shape[1])])
@@ -243,5 +296,8 @@ def _lift_module(
     return MergedLora(
         lora_A=lora_A.to(dtype=out_dtype, device=home),
         lora_B=lora_B.to(dtype=out_dtype, device=home),
-        rel_error=float(result.rel_error[index]),
+        rel_error=rel_error,
+        fit_error=float(result.rel_error[index]),
+        n_iter=int(result.n_iter[index]),
+        converged=bool(result.converged[index]),
     )

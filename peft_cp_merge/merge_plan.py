@@ -13,7 +13,6 @@ enter with PEFT's scaling (``lora_alpha / r`` or ``/ sqrt(r)``, patterns resolve
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import torch
 from peft import LoraConfig
 
 from .adapter_io import AdapterError, AdapterFolder, FactorShapes, module_sort_key, open_adapter_folder
+from .input_checks import check_merge_weights, check_rank_bound
 
 __all__ = ["METHODS", "MergePlan", "ModulePlan", "plan_merge"]
 
@@ -133,12 +133,7 @@ def _check_inputs(
     resolved = [Path(d).resolve() for d in adapter_dirs]
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"The same adapter folder is given twice: {[str(d) for d in adapter_dirs]}")
-    if len(weights) != len(adapter_dirs):
-        raise ValueError(
-            f"Got {len(weights)} weights for {len(adapter_dirs)} adapters; give one weight per adapter"
-        )
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"Weights must be finite numbers, got {list(weights)}")
+    check_merge_weights(weights, len(adapter_dirs))
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}")
     if method == "cat" and rank is not None:
@@ -171,9 +166,9 @@ def _check_same_base(adapters: Sequence[AdapterFolder], allow_different_base: bo
 def _module_plans(adapters: Sequence[AdapterFolder], rank: int | None) -> tuple[tuple[ModulePlan, ...], int]:
     names = sorted({n for a in adapters for n in a.modules}, key=module_sort_key)
     present = {n: [i for i, a in enumerate(adapters) if n in a.modules] for n in names}
-    out_rank = (
-        rank if rank is not None else max(sum(adapters[i].modules[n].rank for i in present[n]) for n in names)
-    )
+    totals = {n: sum(adapters[i].modules[n].rank for i in present[n]) for n in names}
+    check_rank_bound(rank if rank is not None else 0, totals)
+    out_rank = rank if rank is not None else max(totals.values())
     plans = []
     for name in names:
         ref_index = present[name][0]
@@ -232,7 +227,8 @@ def plan_merge(
         The :class:`MergePlan`; ``plan.format_table()`` describes it.
 
     Raises:
-        ValueError: Bad arguments.
+        ValueError: Bad arguments: see :mod:`.input_checks` for the weights and the rank bound (a rank
+            above every module's total input rank ``sum r_i`` is refused).
         AdapterError: An unreadable or unsupported adapter, different base models, or a module with
             different shapes in two adapters.
 
@@ -240,8 +236,8 @@ def plan_merge(
         >>> plan = plan_merge(["a", "b"], weights=[0.5, 0.5], rank=16)  # doctest: +SKIP
         >>> print(plan.format_table())  # doctest: +SKIP
     """
-    weights = [float(w) for w in weights]
     _check_inputs(adapter_dirs, weights, method, rank)
+    weights = check_merge_weights(weights, len(adapter_dirs))
     adapters = tuple(open_adapter_folder(d) for d in adapter_dirs)
     _check_same_base(adapters, allow_different_base)
     if len({a.config.task_type for a in adapters}) > 1:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from .compression import LoraStack
 from .cp_als import check_options
+from .input_checks import check_device, check_factor_values, check_merge_weights, check_rank_bound
 from .merge import AGGREGATIONS, MergedLora, default_rank, merge_modules
 
 __all__ = ["CPMergeReport", "add_cp_weighted_adapter", "is_registered", "register", "unregister"]
@@ -56,13 +56,20 @@ class CPMergeReport:
     Attributes:
         adapter_name: The new adapter.
         rank: Its rank ``R`` (``r = lora_alpha = R``).
-        rel_error: Module name -> relative error of the CP fit of that module's stacked deltas.
+        rel_error: Module name -> distance of the merged delta to the exact weighted sum
+            ``sum_i w_i dW_i``, relative to the sum (the meaning every method shares).
+        fit_error: Module name -> relative error of the CP fit of that module's stacked deltas.
+        n_iter: Module name -> CP-ALS sweeps run.
+        not_converged: Modules whose CP-ALS stopped at ``n_iter_max`` before meeting ``tol``.
         seconds: Wall time of the merge.
     """
 
     adapter_name: str
     rank: int
     rel_error: dict[str, float]
+    fit_error: dict[str, float]
+    n_iter: dict[str, int]
+    not_converged: tuple[str, ...]
     seconds: float
 
 
@@ -117,15 +124,7 @@ def _validate(lora_model: LoraModel, adapters, weights, adapter_name) -> list[fl
             raise ValueError(f"Unknown adapter {name!r}; this model has {known}")
     if len(set(adapters)) != len(adapters):
         raise ValueError(f"adapters lists a name twice: {list(adapters)}")
-    if (
-        isinstance(weights, str)
-        or not isinstance(weights, Sequence | Tensor)
-        or len(weights) != len(adapters)
-    ):
-        raise ValueError(f"Expected {len(adapters)} weights (one per adapter), got {weights!r}")
-    weights = [float(w) for w in weights]
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite numbers, got {weights}")
+    weights = check_merge_weights(weights, len(adapters))
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
     if "." in adapter_name or any(
@@ -156,11 +155,7 @@ def _collect_stacks(
         lora_A, lora_B, scales = [], [], []
         for adapter, _ in present:
             a, b = _as_matrices(layer, adapter)
-            for part, tensor in (("A", a), ("B", b)):
-                if not torch.isfinite(tensor).all():
-                    raise ValueError(
-                        f"Adapter {adapter!r} has non-finite values in lora_{part} of module {key!r}"
-                    )
+            check_factor_values(a, b, where=f"Adapter {adapter!r}, module {key!r}")
             lora_A.append(a.detach()[None])
             lora_B.append(b.detach()[None])
             scales.append(float(layer.scaling[adapter]))
@@ -239,7 +234,8 @@ def add_cp_weighted_adapter(
         weights: One merge weight per adapter (negative subtracts).
         adapter_name: Name of the new adapter; must not exist yet.
         rank: CP rank ``R`` and rank of the new adapter (default: `default_rank` of the modules'
-            input ranks, ``min(2 max r_i, sum r_i)``, the largest over modules).
+            input ranks, ``min(2 max r_i, sum r_i)``, the largest over modules). A rank above every
+            module's ``sum r_i`` is refused: it would only add all-zero components.
         aggregation: ``"weighted"`` or ``"disjoint"``, see :mod:`peft_cp_merge.merge`.
         init: CP-ALS start, ``"gevd"``, ``"svd"`` or ``"random"``.
         n_iter_max: Maximum ALS sweeps.
@@ -252,8 +248,13 @@ def add_cp_weighted_adapter(
     Returns:
         A :class:`CPMergeReport`.
 
+    Warns:
+        UserWarning: Modules whose CP-ALS stopped at ``n_iter_max`` (listed in the report).
+
     Raises:
-        ValueError: On any bad input, before the model is changed.
+        ValueError: On any bad input, before the model is changed: see :mod:`.input_checks` for the
+            weights (finite, not all zero), the factors (no NaN/Inf or overflowing values), the rank
+            bound and the device.
 
     Example:
         >>> import peft_cp_merge
@@ -268,9 +269,11 @@ def add_cp_weighted_adapter(
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
     check_options(1 if rank is None else rank, init, n_iter_max, tol, l2, seed)
+    device = check_device(device)
     stacks, module_weights, layers = _collect_stacks(lora_model, adapters, weights)
     if rank is None:
         rank = max(default_rank(stack.ranks) for stack in stacks.values())
+    check_rank_bound(rank, {key: sum(stack.ranks) for key, stack in stacks.items()})
     if device is None:
         device = next(iter(stacks.values())).lora_A[0].device
 
@@ -297,10 +300,20 @@ def add_cp_weighted_adapter(
     except BaseException:
         _remove_adapter(lora_model, adapter_name)
         raise
+    not_converged = tuple(key for key, m in merged.items() if not m.converged)
+    if not_converged:
+        warnings.warn(
+            f"{len(not_converged)} of {len(merged)} modules stopped at n_iter_max={n_iter_max} before "
+            f"converging (e.g. {not_converged[0]!r}); their CP fit may improve with a larger n_iter_max",
+            stacklevel=2,
+        )
     return CPMergeReport(
         adapter_name=adapter_name,
         rank=rank,
         rel_error={key: m.rel_error for key, m in merged.items()},
+        fit_error={key: m.fit_error for key, m in merged.items()},
+        n_iter={key: m.n_iter for key, m in merged.items()},
+        not_converged=not_converged,
         seconds=time.perf_counter() - start,
     )
 

@@ -1,8 +1,6 @@
-"""Reading adapter folders lazily, refusing what cannot be merged, writing atomically."""
+"""Reading adapter folders lazily, refusing what cannot be merged, streaming safetensors."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -14,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 from peft_cp_merge.adapter_io import (
     AdapterError,
-    atomic_directory,
     layer_index,
     module_sort_key,
     open_adapter_folder,
@@ -120,31 +117,6 @@ def test_stream_safetensors_refuses_out_of_order_and_missing_tensors(tmp_path):
         stream_safetensors(tmp_path / "y.safetensors", layout, dtype=torch.float32) as write,
     ):
         write("a", torch.zeros(2))
-
-
-def test_atomic_directory_leaves_nothing_when_interrupted(tmp_path):
-    out = tmp_path / "out"
-
-    def interrupted_write():
-        with atomic_directory(out) as tmp:
-            (tmp / "half.json").write_text("{}")
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        interrupted_write()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_directory_overwrite_only_on_request(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with pytest.raises(FileExistsError, match="exists"), atomic_directory(out):
-        pass
-    with atomic_directory(out, overwrite=True) as tmp:
-        (tmp / "new.txt").write_text(json.dumps(1))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
 
 
 def test_module_names_sort_naturally_and_give_layer_depth():

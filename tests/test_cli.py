@@ -101,7 +101,8 @@ def test_provenance_is_recorded_beside_the_config(adapters, tmp_path):
     assert merge(*adapters, "--weights", *WEIGHTS, "--method", "tsv", "--rank", 4, "--out", out) == 0
     info = json.loads((out / "merge_info.json").read_text())
     assert (info["method"], info["rank"], [i["weight"] for i in info["inputs"]]) == ("tsv", 4, WEIGHTS)
-    assert set(info["module_rel_error"]) == {"conv", "emb", "lin1", "lin2"}
+    assert set(info["module_stats"]) == {"conv", "emb", "lin1", "lin2"}
+    assert "sum_i w_i dW_i" in info["rel_error_meaning"]
     assert "```json" in (out / "README.md").read_text()
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["rank_pattern"], config["alpha_pattern"], config["use_rslora"]) == ({}, {}, False)
@@ -113,12 +114,14 @@ def test_provenance_is_recorded_beside_the_config(adapters, tmp_path):
         (["--weights", "1", "--rank", "4"], "Got 1 weights for 2 adapters"),
         (["--weights", "1", "1", "--method", "cat", "--rank", "4"], "do not pass a rank"),
         (["--weights", "1", "1"], "needs a positive integer rank"),
-        (["--weights", "1", "1", "--rank", "4", "--n-iter-max", "0"], "n_iter_max must be an integer >= 1"),
+        (["--weights", "1", "1", "--rank", "8"], "rank 8 is above 7"),
+        (["--weights", "0", "0", "--rank", "4"], "All weights are zero"),
+        (["--weights", "1", "1", "--rank", "4", "--device", "gpu0"], "Unknown device 'gpu0'"),
     ],
 )
 def test_bad_arguments_are_refused_and_nothing_is_written(adapters, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
-    assert main(["merge", *adapters, *extra, "--out", str(out)]) == 1
+    assert main(["merge", *adapters, *extra, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -128,7 +131,7 @@ def test_different_base_models_are_refused_unless_allowed(tmp_path, capsys):
     first = write_adapter(tmp_path / "a", factors, r=2, lora_alpha=2, base="org/base-7b")
     second = write_adapter(tmp_path / "b", factors, r=2, lora_alpha=2, base="org/other-7b")
     out = tmp_path / "out"
-    assert merge(first, second, "--weights", 1, 1, "--rank", 2, "--out", out) == 1
+    assert merge(first, second, "--weights", 1, 1, "--rank", 2, "--out", out) == 2
     err = capsys.readouterr().err
     assert "'org/base-7b'" in err
     assert "'org/other-7b'" in err
@@ -144,29 +147,32 @@ def test_dora_adapter_is_refused(tmp_path, capsys):
     base = tiny_base()
     plain = save_peft_adapter(base, tmp_path / "a", seed=1, target_modules=["lin1"])
     dora = save_peft_adapter(base, tmp_path / "b", seed=2, target_modules=["lin1"], use_dora=True)
-    assert merge(plain, dora, "--weights", 1, 1, "--rank", 2, "--out", tmp_path / "out") == 1
+    assert merge(plain, dora, "--weights", 1, 1, "--rank", 2, "--out", tmp_path / "out") == 2
     assert "use_dora=True is not supported" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_kept_unless_overwrite(adapters, tmp_path, capsys):
+def test_existing_output_is_kept_unless_overwrite_and_only_a_merge_is_replaced(adapters, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert merge(*adapters, "--weights", *WEIGHTS, "--rank", 3, "--out", out) == 1
+    assert merge(*adapters, "--weights", *WEIGHTS, "--rank", 3, "--out", out) == 2
     assert "exists" in capsys.readouterr().err
+    assert merge(*adapters, "--weights", *WEIGHTS, "--rank", 3, "--out", out, "--overwrite") == 2
+    assert "was not written by peft-cp-merge" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
     assert merge(*adapters, "--weights", *WEIGHTS, "--rank", 3, "--out", out, "--overwrite") == 0
-    assert not (out / "keep.txt").exists()
-    assert (out / "adapter_model.safetensors").exists()
+    assert merge(*adapters, "--weights", *WEIGHTS, "--rank", 2, "--out", out, "--overwrite") == 0
+    assert json.loads((out / "merge_info.json").read_text())["rank"] == 2
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_interrupted_write_leaves_no_partial_adapter(adapters, tmp_path, monkeypatch, overwrite):
     out = tmp_path / "out"
-    if overwrite:
+    if overwrite:  # an earlier merge of ours, to be replaced
         out.mkdir()
-        (out / "keep.txt").write_text("mine")
+        (out / "merge_info.json").write_text('{"tool": "peft-cp-merge 0.1.0"}')
     real, calls = folder_merge._merge_group, []
 
     def fail_on_second_group(*args, **kwargs):
@@ -177,12 +183,14 @@ def test_interrupted_write_leaves_no_partial_adapter(adapters, tmp_path, monkeyp
 
     monkeypatch.setattr(folder_merge, "_merge_group", fail_on_second_group)
     flags = ["--overwrite"] if overwrite else []
-    with pytest.raises(KeyboardInterrupt):  # one tiny module per group: the file is half written
-        merge(*adapters, "--weights", *WEIGHTS, "--rank", 3, "--out", out, "--group-mb", 1e-6, *flags)
+    # One tiny module per group: the file is half written when the interrupt comes.
+    assert (
+        merge(*adapters, "--weights", *WEIGHTS, "--rank", 3, "--out", out, "--group-mb", 1e-6, *flags) == 130
+    )
     assert len(calls) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", *(["out"] if overwrite else [])]
     if overwrite:
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert [p.name for p in out.iterdir()] == ["merge_info.json"]
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(adapters, tmp_path, capsys):

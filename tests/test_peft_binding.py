@@ -87,17 +87,37 @@ def _assert_delta_is_weighted_sum(model, adapters, weights, name, rtol=1e-5):
 def test_full_rank_cp_is_the_exact_weighted_sum(tiny_net, case):
     model = _peft(tiny_net, CASES[case])
     weights = [0.7, -0.4]
-    report = model.add_weighted_adapter(["a", "b"], weights, "cp", combination_type="cp", cp_rank=16)
-    assert report.rank == 16
-    assert model.peft_config["cp"].r == model.peft_config["cp"].lora_alpha == 16
+    full = _largest_total_rank(model, ["a", "b"])
+    report = model.add_weighted_adapter(["a", "b"], weights, "cp", combination_type="cp", cp_rank=full)
+    assert report.rank == full
+    assert model.peft_config["cp"].r == model.peft_config["cp"].lora_alpha == full
+    assert max(report.rel_error.values()) < 1e-5  # the distance to the weighted sum, as reported
     _assert_delta_is_weighted_sum(model, ["a", "b"], weights, "cp")
+
+
+def _largest_total_rank(model, adapters):
+    """The largest sum of the adapters' ranks in any layer: the rank of an exact merge."""
+    from peft.tuners.lora import LoraLayer
+
+    return max(
+        sum(layer.r[a] for a in adapters if a in layer.r)
+        for layer in model.modules()
+        if isinstance(layer, LoraLayer)
+    )
+
+
+def test_a_rank_above_every_total_rank_is_refused(two_adapters):
+    before = _snapshot(two_adapters)
+    with pytest.raises(ValueError, match=r"rank 11 is above 10, .*Use a rank <= 10"):
+        two_adapters.add_weighted_adapter(["a", "b"], [1, 1], "m", combination_type="cp", cp_rank=11)
+    _assert_unchanged(two_adapters, before)
 
 
 def test_full_rank_cp_gives_the_same_outputs_as_peft_cat(tiny_net, ids):
     model = _peft(tiny_net, CASES["conv2d"] | {"c": _config(r=2, lora_alpha=2)})
     image = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(0))
     model.add_weighted_adapter(["a", "b", "c"], [0.7, -0.4, 1.0], "cat", combination_type="cat")
-    model.add_weighted_adapter(["a", "b", "c"], [0.7, -0.4, 1.0], "cp", combination_type="cp", cp_rank=7)
+    model.add_weighted_adapter(["a", "b", "c"], [0.7, -0.4, 1.0], "cp", combination_type="cp", cp_rank=5)
     cat, cp = _output(model, "cat", ids, image), _output(model, "cp", ids, image)
     assert (cp - cat).abs().max() <= 1e-5 * cat.abs().max()
 
@@ -196,10 +216,12 @@ def test_same_seed_gives_bit_identical_adapters(two_adapters):
 
 BAD_CALLS = {
     "unknown adapter": ((["a", "zzz"], [1.0, 1.0], "m"), {}, "Unknown adapter 'zzz'"),
-    "weights of another length": ((["a", "b"], [1.0], "m"), {}, "Expected 2 weights"),
+    "weights of another length": ((["a", "b"], [1.0], "m"), {}, "Got 1 weights for 2 adapters"),
+    "all weights zero": ((["a", "b"], [0.0, 0.0], "m"), {}, "All weights are zero"),
+    "absent device": ((["a", "b"], [1.0, 1.0], "m"), {"cp_device": "gpu0"}, "Unknown device 'gpu0'"),
     "existing adapter_name": ((["a", "b"], [1.0, 1.0], "a"), {}, "already exists"),
     "reserved adapter_name": ((["a", "b"], [1.0, 1.0], "copy"), {}, "cannot name a LoRA layer's entry"),
-    "nan weight": ((["a", "b"], [1.0, float("nan")], "m"), {}, "weights must be finite"),
+    "nan weight": ((["a", "b"], [1.0, float("nan")], "m"), {}, "Weights must be finite"),
     "duplicate adapter": ((["a", "a"], [1.0, 1.0], "m"), {}, "lists a name twice"),
     "rank < 1": ((["a", "b"], [1.0, 1.0], "m"), {"cp_rank": 0}, "rank must be an integer >= 1"),
     "unknown cp option": ((["a", "b"], [1.0, 1.0], "m"), {"cp_foo": 1}, r"Unknown option\(s\) \['cp_foo'\]"),
@@ -243,7 +265,16 @@ def test_non_finite_adapter_values_are_refused(two_adapters):
     with torch.no_grad():
         two_adapters.base_model.model.lin1.lora_B["b"].weight[0, 0] = float("inf")
     before = _snapshot(two_adapters)
-    with pytest.raises(ValueError, match="non-finite values in lora_B of module 'lin1'"):
+    with pytest.raises(ValueError, match=r"Adapter 'b', module '[\w.]*lin1': lora_B has 1 non-finite"):
+        two_adapters.add_weighted_adapter(["a", "b"], [1.0, 1.0], "m", combination_type="cp")
+    _assert_unchanged(two_adapters, before)
+
+
+def test_values_whose_products_overflow_are_refused(two_adapters):
+    with torch.no_grad():
+        two_adapters.base_model.model.lin0.lora_A["a"].weight[1, 2] = 1e30
+    before = _snapshot(two_adapters)
+    with pytest.raises(ValueError, match=r"Adapter 'a', module '[\w.]*lin0': lora_A has values up to 1e\+30"):
         two_adapters.add_weighted_adapter(["a", "b"], [1.0, 1.0], "m", combination_type="cp")
     _assert_unchanged(two_adapters, before)
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from _cli_fixtures import orthonormal, write_adapter
 
-from peft_cp_merge.analysis import analyze_adapter_folders, pairwise_cosine
-from peft_cp_merge.analysis_report import format_report, layer_summary, plot_report, write_report_json
+from peft_cp_merge.analysis import analyze_adapter_folders, pairwise_cosine, subspace_interference
+from peft_cp_merge.analysis_report import (
+    column_legend,
+    format_report,
+    layer_summary,
+    plot_report,
+    write_report_json,
+)
 from peft_cp_merge.baselines import core_slices
 from peft_cp_merge.compression import LoraStack, compress
 
@@ -79,6 +86,73 @@ def test_report_table_json_and_layer_summary(tmp_path):
     data = json.loads(write_report_json(report, tmp_path / "r.json").read_text())
     assert data["ranks"] == [2, 4]
     assert data["modules"][0]["cp"][1]["rank"] == 4
+
+
+def test_report_legend_says_how_to_read_each_column_and_that_sti_is_not_capped_at_one(tmp_path):
+    report = analyze_adapter_folders(planted(tmp_path, orthogonal=True), ranks=[2], progress=False)
+    text = format_report(report)
+    table, legend = text.split("How to read the columns")
+    assert "err@2" in table
+    flat = " ".join(legend.split())  # undo the wrapping
+    for column in ("max|cos|", "STI_rel", "CP-STI@R", "spec@R", "err@R"):
+        assert f"  {column} " in legend
+    assert "0 = mutually orthogonal subspaces" in flat
+    assert "two identical adapters give 1" in flat
+    assert "N identical adapters give (N-1)^2 (here N = 2: 1)" in flat
+    assert "not a fraction capped at 1" in flat
+    assert "above 1 does NOT mean worse than identical adapters" in flat
+    assert column_legend(6)["STI_rel"].count("(here N = 6: 25)") == 1
+
+
+def test_n_identical_adapters_have_sti_rel_n_minus_one_squared():
+    """The reference value the legend quotes: STI_rel is not capped at 1."""
+    gen = torch.Generator().manual_seed(2)
+    lora_A = torch.randn(1, R, D_IN, generator=gen, dtype=torch.float64)
+    lora_B = torch.randn(1, D_OUT, R, generator=gen, dtype=torch.float64)
+    for n in (2, 3, 4):
+        stack = LoraStack([lora_A] * n, [lora_B] * n, [1.0] * n)
+        _, sti_rel = subspace_interference(core_slices(compress(stack).core)[0])
+        assert sti_rel == pytest.approx((n - 1) ** 2, rel=1e-9)
+
+
+def _saved_figures(monkeypatch) -> dict[str, object]:
+    """Record every figure :func:`plot_report` saves, by file name."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = {}, Figure.savefig
+
+    def record(fig, fname, *args, **kwargs):
+        saved[Path(fname).name] = fig
+        return savefig(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+
+
+def test_plots_have_one_axes_per_metric_and_say_how_to_read_them(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    report = analyze_adapter_folders(planted(tmp_path, orthogonal=True), ranks=[2, 4], progress=False)
+    saved = _saved_figures(monkeypatch)
+    paths = plot_report(report, tmp_path)
+    assert [p.name for p in paths] == ["interference_by_layer.png", "fit_vs_rank.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+    by_layer = saved["interference_by_layer.png"]
+    ylabels = [ax.get_ylabel() for ax in by_layer.axes]
+    assert ylabels == ["max |cos|", "TSV STI_rel", "CP-STI_rel", "CP specificity"]
+    lines = [[line.get_label() for line in ax.get_lines()] for ax in by_layer.axes]
+    assert [len(labels) for labels in lines] == [1, 1, 2, 2]  # the CP metrics: one line per rank
+    assert lines[2] == lines[3] == ["R=2", "R=4"]
+    hints = [" ".join(ax.get_title(loc="left").split()) for ax in by_layer.axes]
+    assert all(hints), "every panel says how to read it"
+    assert "not capped at 1: two identical adapters give 1" in hints[1]
+    assert "above 1 does NOT mean worse than identical adapters" in hints[1]
+    assert "0 for orthogonal adapters, and for identical ones" in hints[2]
+    assert by_layer.get_supxlabel().startswith("How to read:")
+
+    (fit_ax,) = saved["fit_vs_rank.png"].axes
+    assert fit_ax.get_ylabel() == "relative error of the CP fit"
+    assert saved["fit_vs_rank.png"].get_supxlabel().startswith("How to read:")
 
 
 def test_plots_are_written_or_explained(tmp_path, monkeypatch):

@@ -99,7 +99,7 @@ def worker(mode: str, folders: list[str], rank: int, threads: int) -> dict:
                 folders, Path(tmp) / "merged", weights=weights, rank=rank, progress=False
             )
             seconds = time.perf_counter() - start
-        errors = list(result.rel_errors.values())
+        errors = [m.fit_error for m in result.modules.values()]
         return {
             "seconds": seconds,
             "peak_rss_bytes": _peak_rss_bytes(),
@@ -113,7 +113,7 @@ def worker(mode: str, folders: list[str], rank: int, threads: int) -> dict:
     start = time.perf_counter()
     merged = merge_modules(stacks, module_weights, rank=rank)
     seconds = time.perf_counter() - start
-    errors = [m.rel_error for m in merged.values()]
+    errors = [m.fit_error for m in merged.values()]
     return {
         "seconds": seconds,
         "peak_rss_bytes": _peak_rss_bytes(),

@@ -170,7 +170,7 @@ def _compare_one(n_adapters: int, args, sync) -> dict:
             reports.append(model.add_weighted_adapter(adapters, weights, name, **options))
 
         row[f"cp_rank{cp_rank}_s"], row[f"cp_rank{cp_rank}_runs_s"] = _median_time(run_cp, args.repeats, sync)
-        row[f"cp_rank{cp_rank}_rel_error_mean"] = statistics.mean(reports[-1].rel_error.values())
+        row[f"cp_rank{cp_rank}_rel_error_mean"] = statistics.mean(reports[-1].fit_error.values())
         for i in range(args.repeats):
             model.delete_adapter(f"cp{cp_rank}_{i}")
 
@@ -221,7 +221,7 @@ def part_mistral(args, sync) -> dict:
         results.append(merge_modules(stacks, weights, rank=16, progress=False))
 
     median, runs = _median_time(run, args.repeats, sync)
-    errors = [m.rel_error for m in results[-1].values()]
+    errors = [m.fit_error for m in results[-1].values()]
     input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
     row = {
         "layers": args.layers,
@@ -314,7 +314,7 @@ def part_large(args, sync) -> dict:
             sync()
             runs[start].append(time.perf_counter() - begin)
             peaks[start] = extra / 1e9
-            errors[start] = merged["module"].rel_error
+            errors[start] = merged["module"].fit_error
     cp_init.RANDOMIZED_MIN_DIM = default_min_dim
     row = {
         "n_adapters": n_adapters,

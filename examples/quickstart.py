@@ -74,7 +74,7 @@ def main() -> None:
         report = model.add_weighted_adapter(
             ADAPTERS, weights, f"cp{rank}", combination_type="cp", cp_rank=rank, cp_progress=False
         )
-        fit = max(report.rel_error.values())
+        fit = max(report.fit_error.values())
         print(
             f"{'cp':<14}{rank:>5}{fit:>14.2e}{distance_from_exact_sum(model, f'cp{rank}', weights):>26.2e}"
             f"{report.seconds:>8.2f}s"

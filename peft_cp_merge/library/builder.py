@@ -116,8 +116,10 @@ def build_library(
         The finished library.
 
     Raises:
-        ValueError: For bad arguments, data that does not fit the options, or an ``out_dir`` that
-            is not empty and not a library with the same settings; nothing is written then.
+        ValueError: For bad arguments, data that does not fit the options, a base model folder that
+            does not exist, a base model or tokenizer that cannot be loaded (the message names it and
+            gives the reason on one line), or an ``out_dir`` that is not empty and not a library with
+            the same settings; nothing is written then.
         RuntimeError: Under several processes, when another process failed.
 
     Example:
@@ -215,6 +217,7 @@ def _validate(
         raise ValueError(
             f"base_model must be a folder, a model name or a model, got {type(base_model).__name__}."
         )
+    _check_base_model_path(base_model)
     if train_fn is not None and not callable(train_fn):
         raise ValueError(f"train_fn must be callable, got {type(train_fn).__name__}.")
     if train_fn is None and tokenizer is None and isinstance(base_model, torch.nn.Module):
@@ -223,6 +226,51 @@ def _validate(
         raise ValueError(f"embed_batch_size must be an integer >= 1, got {embed_batch_size!r}.")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
+
+
+def _check_base_model_path(base_model: str | os.PathLike | torch.nn.Module) -> None:
+    """Refuses a base model path that cannot be a loadable model folder, before any expensive work.
+
+    A name that is neither an existing folder nor a local-looking path is left to transformers
+    (it may be a model on the Hugging Face Hub or in its cache).
+
+    Raises:
+        ValueError: For a local-looking path that does not exist, a file, or a folder without
+            ``config.json`` (or ``adapter_config.json``).
+    """
+    if isinstance(base_model, torch.nn.Module):
+        return
+    name = os.fspath(base_model)
+    path = Path(name)
+    if path.is_dir():
+        if not any((path / file).is_file() for file in ("config.json", "adapter_config.json")):
+            raise ValueError(f"Base model folder {name!r} has no config.json; it is not a model folder.")
+    elif path.exists():
+        raise ValueError(f"Base model {name!r} is a file; give the folder the model was saved to.")
+    elif _looks_like_local_path(base_model):
+        raise ValueError(f"Base model folder {name!r} does not exist.")
+
+
+def _looks_like_local_path(base_model: str | os.PathLike) -> bool:
+    """True for a path object or a string that cannot be a Hub model name ``name`` or ``owner/name``.
+
+    That is an absolute path, one that starts with ``.`` or ``~``, has a backslash, or has more than
+    one ``/``; ``owner/name`` itself stays ambiguous and is left to transformers.
+    """
+    if not isinstance(base_model, str):
+        return True
+    return (
+        os.path.isabs(base_model)
+        or base_model.startswith((".", "~"))
+        or "\\" in base_model
+        or base_model.count("/") > 1
+    )
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """The message of ``error`` with its whitespace and line breaks collapsed, cut to ``limit`` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _settings(
@@ -282,13 +330,27 @@ def _previous_manifest(out_dir: Path, settings: Mapping[str, Any]) -> LibraryMan
 
 
 def _load_base_model(base_model, tokenizer, *, need_tokenizer: bool):
+    """The base model (and its tokenizer when needed); a load failure becomes a one-line ValueError."""
     if isinstance(base_model, torch.nn.Module):
         return base_model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name = os.fspath(base_model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        logger.debug("Loading the base model %r failed", name, exc_info=True)
+        raise ValueError(f"Cannot load base model {name!r}: {_one_line(error)}") from None
     if tokenizer is None and need_tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(str(base_model))
-    return AutoModelForCausalLM.from_pretrained(str(base_model)), tokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            logger.debug("Loading the tokenizer of %r failed", name, exc_info=True)
+            raise ValueError(
+                f"Cannot load the tokenizer of base model {name!r}: {_one_line(error)} "
+                "(save the tokenizer in the model folder, or pass tokenizer=)"
+            ) from None
+    return model, tokenizer
 
 
 def _plan(examples, out_dir, settings, encoder, embed_batch_size, clustering, seed, progress) -> None:

@@ -95,13 +95,13 @@ def test_build_library_then_merge_it(assets, tmp_path, capsys):
 def test_build_library_bad_inputs_fail_cleanly(assets, tmp_path, capsys, data, extra, message):
     (assets / "empty.jsonl").write_text("")
     out = tmp_path / "library"
-    assert main(build_args(assets, data, out, *extra)) == 1
+    assert main(build_args(assets, data, out, *extra)) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_merge_needs_adapters_or_a_library(tmp_path, capsys):
-    assert main(["merge", "--out", str(tmp_path / "merged")]) == 1
+    assert main(["merge", "--out", str(tmp_path / "merged")]) == 2
     assert "Give ADAPTER_DIR arguments with --weights, or --library" in capsys.readouterr().err
-    assert main(["merge", "--library", str(tmp_path), "--out", str(tmp_path / "merged")]) == 1
+    assert main(["merge", "--library", str(tmp_path), "--out", str(tmp_path / "merged")]) == 2
     assert "is not an adapter library" in capsys.readouterr().err

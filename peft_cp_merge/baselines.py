@@ -108,7 +108,9 @@ def _truncated(
     """Rank-``rank`` SVD truncation of the core-space delta ``(M, M)``, lifted to ``lora_A``/``lora_B``."""
     u, s, vh = torch.linalg.svd(delta)
     kept = min(rank, s.numel())
-    rel_error = weighted_sum_error((u[:, :kept] * s[:kept]) @ vh[:kept], compressed.core, 0, weights)
+    rel_error = float(
+        weighted_sum_error(((u[:, :kept] * s[:kept]) @ vh[:kept])[None], compressed.core, weights[None])[0]
+    )
     root = s[:kept].sqrt()
     out_dtype = stack.lora_A[0].dtype
     lora_B = lift((u[:, :kept] * root)[None], stack.cat_B(), compressed.basis_B, out_dtype=out_dtype)[0]

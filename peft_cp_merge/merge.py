@@ -34,7 +34,6 @@ __all__ = [
     "DISJOINT_THRESHOLD",
     "MergedLora",
     "aggregate_loadings",
-    "core_coordinates",
     "default_rank",
     "merge_modules",
     "weighted_sum_error",
@@ -90,40 +89,41 @@ class MergedLora:
     converged: bool | None = None
 
 
-def core_coordinates(factor: Tensor, cat: Tensor, basis: Tensor) -> Tensor:
-    """Coordinates ``Q^T factor`` of a lifted factor in the core basis ``Q = cat @ basis`` (one module).
+def weighted_sum_error(delta_core: Tensor, core: LoraCore, merge_weights: Tensor) -> Tensor:
+    """``||delta - sum_i w_i dW_i||_F / ||sum_i w_i dW_i||_F`` from core coordinates, batched.
+
+    With orthonormal core bases the distance in core coordinates is the distance of the full
+    ``d_out x d_in`` matrices, so this is exact without forming them.
 
     Args:
-        factor: ``(d, R)`` in the adapters' space (e.g. a merged ``lora_B``, or ``lora_A^T``).
-        cat: ``Bcat`` ``(d_out, M)`` or ``Acat^T`` ``(d_in, M)``.
-        basis: The matching ``(M, M)`` basis of :class:`~.compression.CompressedLora`.
+        delta_core: ``(batch, M, M)`` merged deltas in core coordinates (``Q_B^T delta Q_A``).
+        core: The compressed core of the stacks.
+        merge_weights: ``w`` ``(batch, N)``.
 
     Returns:
-        ``(M, R)`` float64; exact when ``factor`` lies in the span of ``cat`` (every merge here).
+        ``(batch,)`` float64 relative distances (the absolute one where the weighted sum is zero).
     """
-    work = torch.promote_types(cat.dtype, torch.float32)
-    return basis.mT.to(torch.float64) @ (cat.mT.to(work) @ factor.to(work)).to(torch.float64)
-
-
-def weighted_sum_error(delta_core: Tensor, core: LoraCore, index: int, merge_weights: Tensor) -> float:
-    """``||delta - sum_i w_i dW_i||_F / ||sum_i w_i dW_i||_F``, exactly, from core coordinates.
-
-    Args:
-        delta_core: ``(M, M)`` the merged delta in core coordinates (``Q_B^T delta Q_A``).
-        core: The compressed core of the stack.
-        index: The module's batch index in ``core``.
-        merge_weights: ``w`` ``(N,)``.
-
-    Returns:
-        The relative distance (0 when the weighted sum is zero and so is the merge).
-    """
-    left, right = core.left[index].to(torch.float64), core.right[index].to(torch.float64)
+    left, right = core.left.to(torch.float64), core.right.to(torch.float64)
     ranks = torch.tensor(core.ranks, device=left.device)
-    column_weights = torch.repeat_interleave(merge_weights.to(left), ranks)
-    target = (left * column_weights) @ right.mT
-    norm = float(torch.linalg.matrix_norm(target))
-    distance = float(torch.linalg.matrix_norm(delta_core.to(target) - target))
-    return distance / norm if norm > 0 else distance
+    column_weights = torch.repeat_interleave(merge_weights.to(left), ranks, dim=1)
+    target = (left * column_weights[:, None, :]) @ right.mT
+    norm = torch.linalg.matrix_norm(target)
+    distance = torch.linalg.matrix_norm(delta_core.to(target) - target)
+    return torch.where(norm > 0, distance / torch.where(norm > 0, norm, 1.0), distance)
+
+
+def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, aggregation: str) -> Tensor:
+    """Distance of each merged delta to the weighted sum, computed in the core (``(batch,)``).
+
+    The merged delta ``sum_r g_r u_r v_r^T`` is rebuilt from the core-space factors with the same
+    canonical form and gains as the lifted ones (norms agree because the bases are orthonormal;
+    signs and order do not change the sum), so no ``d``-sized product is needed.
+    """
+    weights, (a, b, c) = canonicalize(
+        result.weights.to(torch.float64), tuple(f.to(torch.float64) for f in result.factors)
+    )
+    gains = aggregate_loadings(weights, c, merge_weights, aggregation)
+    return weighted_sum_error((a * gains[:, None, :]) @ b.mT, core, merge_weights)
 
 
 def aggregate_loadings(weights: Tensor, loadings: Tensor, merge_weights: Tensor, aggregation: str) -> Tensor:
@@ -243,9 +243,19 @@ def merge_modules(
             logger.info(
                 "%d of %d modules stopped at n_iter_max=%d", (~result.converged).sum(), len(names), n_iter_max
             )
+        weights_batch = torch.stack([merge_weights[name] for name in names]).to(compressed.core.left.device)
+        rel_errors = _core_rel_errors(compressed.core, result, weights_batch, aggregation)
         for index, name in enumerate(names):
             merged[name] = _lift_module(
-                group[index], stacks[name], compressed, result, index, merge_weights[name], aggregation, rank
+                group[index],
+                stacks[name],
+                compressed,
+                result,
+                index,
+                merge_weights[name],
+                aggregation,
+                rank,
+                float(rel_errors[index]),
             )
             bar.update(1)
     bar.close()
@@ -272,6 +282,7 @@ def _lift_module(
     merge_weights: Tensor,
     aggregation: str,
     rank: int,
+    rel_error: float,
 ) -> MergedLora:
     """Lift one module's core-space factors and turn loadings into its merged A and B."""
     here = slice(index, index + 1)
@@ -283,11 +294,6 @@ def _lift_module(
     cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
     gains = aggregate_loadings(cp_weights, c, merge_weights[None].to(c.device), aggregation)[0]
     lora_A, lora_B = _split_gains(u[0], v[0], gains)
-    delta_core = (
-        core_coordinates(lora_B, stack.cat_B()[0], compressed.basis_B[index])
-        @ core_coordinates(lora_A.mT, stack.cat_A()[0].mT, compressed.basis_A[index]).mT
-    )
-    rel_error = weighted_sum_error(delta_core, compressed.core, index, merge_weights)
     missing = rank - lora_A.shape[0]
     if missing > 0:
         lora_A = torch.cat([lora_A, lora_A.new_zeros(missing, lora_A.shape[1])])

@@ -337,3 +337,11 @@ def test_default_rank_is_twice_the_largest_input_rank_capped_at_the_sum(two_adap
     add_cp_weighted_adapter(two_adapters, ["a", "b"], [0.5, 0.5], "merged")
     assert two_adapters.peft_config["merged"].r == 10
     assert two_adapters.base_model.model.lin0.lora_A["merged"].weight.shape[0] == 10
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error_and_the_model_is_unchanged(two_adapters):
+    before = _snapshot(two_adapters)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        two_adapters.add_weighted_adapter(["a", "b"], [1, 1], "m", combination_type="cp", cp_device="cuda")
+    _assert_unchanged(two_adapters, before)

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 _PLOT_HINT = (
-    "matplotlib is not installed; install it with `pip install 'peft-cp-merge[plot]'` to get the plots"
+    "matplotlib is not installed; install it (`pip install matplotlib`, or the [plot] extra) for the plots"
 )
 
 # Measured scale of STI_rel for six rank-8 adapters at SmolLM2-135M widths (benchmarks/quality).

@@ -178,7 +178,7 @@ def _add_analyze_parser(subparsers) -> None:
             "(STI_rel), its CP counterpart (CP-STI_rel, specificity) and the CP fit at each --rank,\n"
             "all computed exactly in the compressed core (definitions: peft_cp_merge.analysis).\n"
             "Prints the worst modules and a summary by layer depth; with --out also writes\n"
-            "report.json and PNG plots (plots need matplotlib: pip install 'peft-cp-merge[plot]')."
+            "report.json and PNG plots (plots need matplotlib: pip install matplotlib)."
         ),
         epilog="example:\n  peft-cp-merge analyze math/ code/ --rank 8 16 32 --out report/",
     )
@@ -213,7 +213,7 @@ def _add_build_library_parser(subparsers) -> None:
             "Embed every instruction with a sentence encoder, cluster them with k-means (fitted on\n"
             "a sample), train one LoRA adapter per cluster and write a library folder with a\n"
             "library.json manifest. Re-running the same command resumes an interrupted build.\n"
-            "Needs the library extra: pip install 'peft-cp-merge[library]'."
+            "Needs the library extra: pip install -e '.[library]' from a clone."
         ),
         epilog=(
             "examples:\n"

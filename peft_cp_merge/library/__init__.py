@@ -2,7 +2,7 @@
 
 Needs the ``library`` extra (sentence-transformers, scikit-learn, transformers, accelerate)::
 
-    pip install "peft-cp-merge[library]"
+    pip install -e ".[library]"   # from a clone of the repository
 
 Example:
     >>> from peft import LoraConfig

@@ -48,7 +48,7 @@ def load_encoder(
         from sentence_transformers import SentenceTransformer
     except ImportError as error:
         raise ImportError(
-            "Embedding instructions needs sentence-transformers: pip install 'peft-cp-merge[library]'."
+            "Embedding instructions needs sentence-transformers: pip install -e '.[library]' (from a clone)."
         ) from error
     if isinstance(encoder, SentenceTransformer):
         return encoder

@@ -85,9 +85,9 @@ def worker(mode: str, folders: list[str], rank: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from peft_cp_merge.folder_merge import iter_module_stacks, merge_adapter_folders
-    from peft_cp_merge.merge import merge_modules
-    from peft_cp_merge.merge_plan import plan_merge
+    from peft_cp_merge.folders.merging import iter_module_stacks, merge_adapter_folders
+    from peft_cp_merge.folders.plan import plan_merge
+    from peft_cp_merge.methods.cp import merge_modules
 
     weights = [1.0 / len(folders)] * len(folders)
     if mode == "imports":

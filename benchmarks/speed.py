@@ -292,7 +292,8 @@ def part_large(args, sync) -> dict:
     randomized subspace start and with the explicit ``O(M^3)`` eigendecomposition start, alternating."""
     import torch
 
-    from peft_cp_merge import LoraStack, cp_init, merge_modules
+    from peft_cp_merge import LoraStack, merge_modules
+    from peft_cp_merge.engine import starts as cp_init
 
     n_adapters, rank, dim = 50, 64, 4096
     gen = torch.Generator().manual_seed(0)

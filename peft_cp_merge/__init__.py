@@ -6,26 +6,30 @@
 
     model.add_weighted_adapter(["math", "code"], [1.0, 1.0], "merged", combination_type="cp", cp_rank=16)
 
-The engine (:func:`cp_als`, :func:`compress`, :func:`merge_modules`) knows nothing of PEFT and works on
-plain tensors; :func:`add_cp_weighted_adapter` is the same merge without patching PEFT.
+The layers, each importing only the ones before it (``docs/design.md`` has the maths):
+
+- :mod:`.engine`: the decomposition, torch only (:func:`compress`, :func:`cp_als`);
+- :mod:`.methods`: one module per merge method and their registry (:data:`METHODS`,
+  :func:`merge_modules` and :class:`CPOptions` for ``"cp"``);
+- :mod:`.input_checks` and :mod:`.peft_binding`: ``add_weighted_adapter(..., combination_type="cp")``;
+  :func:`add_cp_weighted_adapter` is the same merge without patching PEFT;
+- :mod:`.folders`: adapter folders read, planned, merged and written without a base model;
+- :mod:`.analysis`: where adapters interfere; :mod:`.library`: clustered adapter libraries;
+- :mod:`.cli`: the ``peft-cp-merge`` command line.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-from .compression import LoraCore, LoraStack, compress
-from .cp_als import CPResult, cp_als
-from .merge import MergedLora, merge_modules
+from ._version import __version__
+from .engine.als import CPResult, cp_als
+from .engine.compression import LoraCore, LoraStack, compress
+from .methods import METHODS, CPOptions, MergedLora, get_method, merge_modules
 from .peft_binding import CPMergeReport, add_cp_weighted_adapter, is_registered, register, unregister
-
-try:
-    __version__ = version("peft-cp-merge")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
 
 register()
 
 __all__ = [
+    "METHODS",
     "CPMergeReport",
+    "CPOptions",
     "CPResult",
     "LoraCore",
     "LoraStack",
@@ -34,6 +38,7 @@ __all__ = [
     "add_cp_weighted_adapter",
     "compress",
     "cp_als",
+    "get_method",
     "is_registered",
     "merge_modules",
     "register",

@@ -3,9 +3,9 @@
 Each subcommand has an ``_add_<name>_parser`` function that declares its arguments and a
 ``run_<name>`` function that calls the matching library function and prints the result:
 
-- ``merge`` -> :func:`~.folder_merge.merge_adapter_folders` (``--dry-run``:
-  :func:`~.merge_plan.plan_merge`),
-- ``analyze`` -> :func:`~.analysis.analyze_adapter_folders` and :mod:`.analysis_report`,
+- ``merge`` -> :func:`.merge_adapter_folders` (``--dry-run``:
+  :func:`.plan_merge`),
+- ``analyze`` -> :func:`.analyze_adapter_folders` and :mod:`.analysis.report`,
 - ``build-library`` -> :func:`~.library.build_library` (``merge --library`` merges its adapters).
 
 Example::
@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import signal
@@ -30,15 +31,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME
-from .analysis import analyze_adapter_folders
-from .analysis_report import format_report, plot_report, write_report_json
-from .cp_init import INITS
-from .folder_merge import CP_OPTIONS, DEFAULT_GROUP_BYTES, check_values, merge_adapter_folders
+from .analysis.metrics import analyze_adapter_folders
+from .analysis.report import format_report, plot_report, write_report_json
+from .folders.merging import DEFAULT_GROUP_BYTES, check_values, merge_adapter_folders
+from .folders.output import OutputError, check_output_dir
+from .folders.plan import plan_merge
+from .folders.reading import CONFIG_NAME, WEIGHTS_NAME
 from .input_checks import check_device
-from .merge import AGGREGATIONS
-from .merge_plan import METHODS, plan_merge
-from .output_folder import OutputError, check_output_dir
+from .methods import METHODS, get_method
 
 __all__ = [
     "EXIT_FAULT",
@@ -107,12 +107,7 @@ def _add_merge_parser(subparsers) -> None:
             "PeftModel.from_pretrained(base, OUT_DIR) loads it."
         ),
         epilog=(
-            "methods:\n"
-            "  cp   joint CP decomposition of all adapters, rank R (default)\n"
-            "  cat  exact weighted sum, rank = sum of the adapters' ranks (no --rank)\n"
-            "  svd  weighted sum truncated to rank R by its SVD\n"
-            "  tsv  Task Singular Vectors merge, truncated to rank R\n\n"
-            "examples:\n"
+            "methods:\n" + "".join(f"  {m.name:<4} {m.help}\n" for m in METHODS.values()) + "\nexamples:\n"
             "  peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/\n"
             "  peft-cp-merge merge a/ b/ c/ --weights .5 .3 .2 --method cat --out cat/ --dry-run\n"
             "  peft-cp-merge merge --library library/ --rank 16 --out merged/"
@@ -144,7 +139,7 @@ def _add_merge_parser(subparsers) -> None:
         metavar="OUT_DIR",
         help="folder to create; never an input, inside one, around one, or the current directory",
     )
-    parser.add_argument("--method", choices=METHODS, default="cp", help="merge method (default: cp)")
+    parser.add_argument("--method", choices=list(METHODS), default="cp", help="merge method (default: cp)")
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -157,15 +152,38 @@ def _add_merge_parser(subparsers) -> None:
         help="check the inputs (configs, shapes, every value for NaN/Inf), the rank and OUT_DIR, print "
         "what would be merged, write nothing",
     )
-    cp = parser.add_argument_group("cp options (defaults: those of peft_cp_merge.merge_modules)")
-    cp.add_argument("--aggregation", choices=AGGREGATIONS, help="how adapter loadings become gains")
-    cp.add_argument("--init", choices=INITS, help="CP-ALS initialisation")
-    cp.add_argument("--n-iter-max", type=_positive_int, help="maximum ALS sweeps")
-    cp.add_argument("--tol", type=_non_negative, help="ALS stopping tolerance")
-    cp.add_argument("--l2", type=_non_negative, help="relative ridge term of the ALS")
-    cp.add_argument("--seed", type=int, help="seed of every random number")
+    _add_method_options(parser)
     _add_common(parser)
     parser.set_defaults(run=run_merge)
+
+
+_OPTION_TYPES = {"int": int, "float": _finite, "str": str}
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One argument group per method with options, generated from its options dataclass."""
+    seen: set[str] = set()
+    for method in METHODS.values():
+        fields = [f for f in dataclasses.fields(method.options_type) if f.name not in seen]
+        if not fields:
+            continue
+        group = parser.add_argument_group(
+            f"{method.name} options (checked by {method.options_type.__name__})"
+        )
+        for field in fields:
+            seen.add(field.name)
+            group.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                type=_OPTION_TYPES[str(field.type)],
+                choices=field.metadata.get("choices"),
+                help=f"{field.metadata.get('help', '')} (default {field.default!r})",
+            )
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, object]:
+    """The method options given on the command line (the others keep their defaults)."""
+    names = {f.name for m in METHODS.values() for f in dataclasses.fields(m.options_type)}
+    return {name: getattr(args, name) for name in sorted(names) if getattr(args, name, None) is not None}
 
 
 def _add_analyze_parser(subparsers) -> None:
@@ -176,7 +194,7 @@ def _add_analyze_parser(subparsers) -> None:
         description=(
             "Per module: pairwise cosine similarity of the adapters' deltas, TSV interference\n"
             "(STI_rel), its CP counterpart (CP-STI_rel, specificity) and the CP fit at each --rank,\n"
-            "all computed exactly in the compressed core (definitions: peft_cp_merge.analysis).\n"
+            "all computed exactly in the compressed core (definitions: peft_cp_merge.analysis.metrics).\n"
             "Prints the worst modules and a summary by layer depth; with --out also writes\n"
             "report.json and PNG plots (plots need matplotlib: pip install matplotlib)."
         ),
@@ -279,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    """``merge``: :func:`~.folder_merge.merge_adapter_folders`, or the plan with ``--dry-run``."""
+    """``merge``: :func:`~.folders.merging.merge_adapter_folders`, or the plan with ``--dry-run``."""
     if args.library is not None:
         if args.adapters:
             raise ValueError("Give either ADAPTER_DIR arguments or --library, not both")
@@ -292,6 +310,7 @@ def run_merge(args: argparse.Namespace) -> int:
     elif not args.adapters or args.weights is None:
         raise ValueError("Give ADAPTER_DIR arguments with --weights, or --library")
     device = check_device(args.device)
+    options = get_method(args.method).make_options(_method_options(args))
     if args.dry_run:
         check_output_dir(args.out, args.adapters, overwrite=args.overwrite)
         plan = plan_merge(
@@ -305,7 +324,6 @@ def run_merge(args: argparse.Namespace) -> int:
         print(plan.format_table())
         print(f"Dry run: nothing written; would write {args.out}")
         return 0
-    cp_options = {name: getattr(args, name) for name in CP_OPTIONS if getattr(args, name) is not None}
     result = merge_adapter_folders(
         args.adapters,
         args.out,
@@ -315,7 +333,7 @@ def run_merge(args: argparse.Namespace) -> int:
         device=device,
         overwrite=args.overwrite,
         allow_different_base=args.allow_different_base,
-        cp_options=cp_options,
+        options=options,
         group_bytes=int(args.group_mb * 2**20),
         progress=not args.no_progress,
     )
@@ -329,7 +347,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    """``analyze``: :func:`~.analysis.analyze_adapter_folders`, printed and optionally written."""
+    """``analyze``: :func:`.analyze_adapter_folders`, printed and optionally written."""
     out = _report_dir(args.out, args.adapters) if args.out else None
     report = analyze_adapter_folders(
         args.adapters,

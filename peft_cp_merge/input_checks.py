@@ -3,6 +3,12 @@
 One answer per question, so the binding and the command line refuse the same things with the same
 words:
 
+- :func:`check_lora_config`: can adapters with this config be merged at all? Only plain LoRA whose
+  forward is ``x -> s B A x`` on an unmodified base model. Everything else is refused, in memory and
+  from folders alike: DoRA, LoRA biases, trained base biases, ``modules_to_save`` and trainable
+  tokens (full weights, not low-rank deltas: a merged adapter could not carry them), layer
+  replication, parameter targets, every LoRA variant PEFT marks as such, and initialisations that
+  change the base weights (PiSSA, OLoRA, CorDA, LoftQ, ...).
 - :func:`check_merge_weights`: finite numbers, one per adapter, not all zero.
 - :func:`check_factor_values`: no NaN or Inf in ``lora_A`` / ``lora_B``, and no values so large that
   the merge's products (Gram matrices in float32 or the adapters' precision, whichever is wider)
@@ -15,17 +21,97 @@ words:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
 import torch
+from peft import LoraConfig
 from torch import Tensor
 
-__all__ = ["check_device", "check_factor_values", "check_merge_weights", "check_rank_bound"]
+__all__ = [
+    "check_device",
+    "check_factor_values",
+    "check_lora_config",
+    "check_merge_weights",
+    "check_rank_bound",
+]
+
+# Config fields that change what the adapter computes beyond ``s * B @ A``: refused when set.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA adds a magnitude vector that a merged LoRA cannot carry",
+    "lora_bias": "a trained lora_B bias is not part of the low-rank delta B @ A",
+    "target_parameters": "adapters on nn.Parameter targets (e.g. MoE experts) are not LoRA layers "
+    "(PEFT's add_weighted_adapter refuses them too)",
+    "modules_to_save": "full copies of modules are not low-rank deltas and cannot be merged",
+    "trainable_token_indices": "trainable token embeddings are full rows, not low-rank deltas",
+    "layer_replication": "replicated layers change the base model the merged adapter would need",
+    "use_qalora": "QA-LoRA pools the input, so its delta is not B @ A",
+    "alora_invocation_tokens": "activated LoRA applies its delta only after invocation tokens",
+    "use_bdlora": "block-diagonal LoRA layers are not plain B @ A factors",
+    "arrow_config": "Arrow routes between adapters at run time",
+    "kasa_config": "KaSA adds a trained singular-value vector",
+    "monteclora_config": "MonteCLoRA samples its factors",
+    "megatron_config": "Megatron-parallel layers store sharded factors",
+}
+# Initialisations that change the base weights (the adapter only works on the modified base) or
+# select a LoRA variant; PEFT's own list (field metadata) is added where it has one.
+_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+_PEFT_INIT_VARIANTS = tuple(
+    str(v).lower()
+    for f in dataclasses.fields(LoraConfig)
+    if f.name == "init_lora_weights"
+    for v in f.metadata.get("lora_variants", ())
+)
 
 # Headroom below the largest finite value of the compute dtype: a Gram entry is at most the sum of
 # squares of a factor, and the merge adds a few such terms.
 _OVERFLOW_MARGIN = 1e-3
+
+
+def check_lora_config(config: object, *, source: str) -> None:
+    """Refuse an adapter config whose adapters cannot be merged through ``A`` and ``B`` alone.
+
+    Args:
+        config: The adapter's PEFT config.
+        source: The adapter's name or folder, for the message.
+
+    Raises:
+        ValueError: ``f"{source}: ..."`` with the field and the reason.
+
+    Example:
+        >>> check_lora_config(LoraConfig(use_dora=True), source="math")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: math: use_dora=True is not supported: DoRA adds a magnitude vector ...
+    """
+    if not isinstance(config, LoraConfig):
+        kind = getattr(config, "peft_type", type(config).__name__)
+        raise ValueError(f"{source}: not a LoRA adapter (peft_type={kind!s}); only LoRA can be merged")
+    for field, reason in _UNSUPPORTED_FIELDS.items():
+        if getattr(config, field, None):
+            raise ValueError(f"{source}: {field}={getattr(config, field)!r} is not supported: {reason}")
+    for field in dataclasses.fields(config):
+        if field.metadata.get("is_lora_variant") and getattr(config, field.name):
+            raise ValueError(
+                f"{source}: {field.name}={getattr(config, field.name)!r} is not supported: it selects a LoRA "
+                "variant whose delta is not s * B @ A"
+            )
+    if config.bias != "none":
+        raise ValueError(
+            f"{source}: bias={config.bias!r} is not supported: trained base-model biases are not low-rank"
+        )
+    for field in ("r", "lora_alpha"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{source}: {field} must be a positive number, got {value!r}")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS + _PEFT_INIT_VARIANTS):
+        raise ValueError(
+            f"{source}: init_lora_weights={init!r} is not supported: the adapter belongs to a modified base "
+            "model or a LoRA variant; save it with path_initial_model_for_weight_conversion to get a plain "
+            "LoRA"
+        )
 
 
 def check_merge_weights(weights: Sequence[float] | Tensor, count: int) -> list[float]:

@@ -1,7 +1,7 @@
 """``combination_type="cp"`` for PEFT's ``add_weighted_adapter``.
 
 :func:`add_cp_weighted_adapter` merges LoRA adapters of a ``PeftModel`` / ``LoraModel`` into a new
-adapter with :func:`~.merge.merge_modules`. :func:`register` wraps ``LoraModel.add_weighted_adapter``
+adapter with :func:`.merge_modules`. :func:`register` wraps ``LoraModel.add_weighted_adapter``
 so that ``combination_type="cp"`` (with ``cp_*`` options) goes here and every other combination type
 goes to PEFT unchanged; ``import peft_cp_merge`` calls it, :func:`unregister` undoes it.
 
@@ -25,28 +25,18 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import _freeze_adapter
 from torch import Tensor
 
-from .compression import LoraStack
-from .cp_als import check_options
-from .input_checks import check_device, check_factor_values, check_merge_weights, check_rank_bound
-from .merge import AGGREGATIONS, MergedLora, default_rank, merge_modules
+from .engine.compression import LoraStack
+from .input_checks import (
+    check_device,
+    check_factor_values,
+    check_lora_config,
+    check_merge_weights,
+    check_rank_bound,
+)
+from .methods import CPOptions, MergedLora, merge_modules
+from .methods.cp import default_rank
 
 __all__ = ["CPMergeReport", "add_cp_weighted_adapter", "is_registered", "register", "unregister"]
-
-_INIT_VARIANTS = next(
-    f.metadata.get("lora_variants", ())
-    for f in dataclasses.fields(LoraConfig)
-    if f.name == "init_lora_weights"
-)
-
-# LoraConfig fields that change what an adapter computes beyond s * B @ A; merging such adapters
-# through A and B alone would give a silently wrong result.
-_UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA adapters (a learned magnitude vector) cannot be merged through A and B",
-    "lora_bias": "adapters with a LoRA bias (lora_bias=True) cannot be merged through A and B",
-    "target_parameters": "adapters on nn.Parameters (target_parameters) are not supported",
-    "layer_replication": "adapters with layer_replication are not supported",
-    "megatron_config": "Megatron-parallel adapters are not supported",
-}
 
 
 @dataclass(frozen=True)
@@ -98,23 +88,6 @@ def _has(layer: LoraLayer, adapter: str) -> bool:
     return adapter in layer.lora_A or adapter in layer.lora_embedding_A
 
 
-def _check_config(name: str, config) -> None:
-    if not isinstance(config, LoraConfig):
-        raise ValueError(
-            f"Adapter {name!r} is a {type(config).__name__}; combination_type='cp' merges LoRA adapters"
-        )
-    for field, reason in _UNSUPPORTED_FIELDS.items():
-        if getattr(config, field, None):
-            raise ValueError(f"Adapter {name!r}: {reason} ({field}={getattr(config, field)!r})")
-    for field in dataclasses.fields(config):
-        if field.metadata.get("is_lora_variant") and getattr(config, field.name):
-            raise ValueError(f"Adapter {name!r} uses the LoRA variant {field.name!r}, which cannot be merged")
-    if config.init_lora_weights in _INIT_VARIANTS:
-        raise ValueError(
-            f"Adapter {name!r} uses the LoRA variant init_lora_weights={config.init_lora_weights!r}"
-        )
-
-
 def _validate(lora_model: LoraModel, adapters, weights, adapter_name) -> list[float]:
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
         raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
@@ -137,7 +110,7 @@ def _validate(lora_model: LoraModel, adapters, weights, adapter_name) -> list[fl
     if adapter_name in lora_model.peft_config:
         raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another adapter_name")
     for name in adapters:
-        _check_config(name, lora_model.peft_config[name])
+        check_lora_config(lora_model.peft_config[name], source=f"Adapter {name!r}")
     return weights
 
 
@@ -169,17 +142,6 @@ def _collect_stacks(
 
 def _new_config(lora_model: LoraModel, adapters: Sequence[str], modules: list[str], rank: int) -> LoraConfig:
     first = lora_model.peft_config[adapters[0]]
-    dropped = [
-        f"{field}={getattr(lora_model.peft_config[a], field)!r} of {a!r}"
-        for a in adapters
-        for field in ("modules_to_save", "trainable_token_indices")
-        if getattr(lora_model.peft_config[a], field)
-    ]
-    if dropped:
-        warnings.warn(
-            f"combination_type='cp' merges LoRA layers only; not carried into the new adapter: {dropped}",
-            stacklevel=4,
-        )
     return LoraConfig(
         task_type=first.task_type,
         base_model_name_or_path=first.base_model_name_or_path,
@@ -236,7 +198,7 @@ def add_cp_weighted_adapter(
         rank: CP rank ``R`` and rank of the new adapter (default: `default_rank` of the modules'
             input ranks, ``min(2 max r_i, sum r_i)``, the largest over modules). A rank above every
             module's ``sum r_i`` is refused: it would only add all-zero components.
-        aggregation: ``"weighted"`` or ``"disjoint"``, see :mod:`peft_cp_merge.merge`.
+        aggregation: ``"weighted"`` or ``"disjoint"``, see :mod:`peft_cp_merge.methods.cp`.
         init: CP-ALS start, ``"gevd"``, ``"svd"`` or ``"random"``.
         n_iter_max: Maximum ALS sweeps.
         tol: ALS stopping tolerance on the change of relative error.
@@ -266,9 +228,9 @@ def add_cp_weighted_adapter(
     start = time.perf_counter()
     lora_model = _lora_model(model)
     weights = _validate(lora_model, adapters, weights, adapter_name)
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
-    check_options(1 if rank is None else rank, init, n_iter_max, tol, l2, seed)
+    options = CPOptions(aggregation=aggregation, init=init, n_iter_max=n_iter_max, tol=tol, l2=l2, seed=seed)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     device = check_device(device)
     stacks, module_weights, layers = _collect_stacks(lora_model, adapters, weights)
     if rank is None:
@@ -278,17 +240,7 @@ def add_cp_weighted_adapter(
         device = next(iter(stacks.values())).lora_A[0].device
 
     merged = merge_modules(
-        stacks,
-        module_weights,
-        rank=rank,
-        aggregation=aggregation,
-        init=init,
-        n_iter_max=n_iter_max,
-        tol=tol,
-        l2=l2,
-        seed=seed,
-        device=device,
-        progress=progress,
+        stacks, module_weights, rank=rank, options=options, device=device, progress=progress
     )
 
     lora_model.peft_config[adapter_name] = _new_config(lora_model, adapters, list(stacks), rank)
@@ -328,7 +280,7 @@ def _remove_adapter(lora_model: LoraModel, adapter_name: str) -> None:
     lora_model.peft_config.pop(adapter_name, None)
 
 
-_CP_OPTIONS = ("rank", "aggregation", "init", "n_iter_max", "tol", "l2", "seed", "device", "progress")
+_CP_OPTIONS = ("rank", *(f.name for f in dataclasses.fields(CPOptions)), "device", "progress")
 # PEFT options that are left at their defaults when combination_type="cp".
 _PEFT_DEFAULTS = {
     "svd_rank": None,

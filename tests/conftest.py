@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_cp_merge.compression import LoraStack
+from peft_cp_merge.engine.compression import LoraStack
 
 # The tests use tiny tensors: one thread is fastest, and immune to a busy neighbour on a shared machine.
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peft_cp_merge.adapter_io import (
+from peft_cp_merge.folders.reading import (
     AdapterError,
     layer_index,
     module_sort_key,

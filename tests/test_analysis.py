@@ -10,16 +10,16 @@ import pytest
 import torch
 from _cli_fixtures import orthonormal, write_adapter
 
-from peft_cp_merge.analysis import analyze_adapter_folders, pairwise_cosine, subspace_interference
-from peft_cp_merge.analysis_report import (
+from peft_cp_merge.analysis.metrics import analyze_adapter_folders, pairwise_cosine, subspace_interference
+from peft_cp_merge.analysis.report import (
     column_legend,
     format_report,
     layer_summary,
     plot_report,
     write_report_json,
 )
-from peft_cp_merge.baselines import core_slices
-from peft_cp_merge.compression import LoraStack, compress
+from peft_cp_merge.engine.compression import LoraStack, compress
+from peft_cp_merge.methods.core_space import core_slices
 
 NAMES = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
 D_OUT, D_IN, R = 10, 9, 2

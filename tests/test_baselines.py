@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_cp_merge.baselines import merge_cat, merge_svd, merge_tsv, polar
-from peft_cp_merge.compression import LoraStack
+from peft_cp_merge.engine.compression import LoraStack
+from peft_cp_merge.methods.cat import merge_cat
+from peft_cp_merge.methods.core_space import polar
+from peft_cp_merge.methods.svd import merge_svd
+from peft_cp_merge.methods.tsv import merge_tsv
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}  # float64 throughout
 

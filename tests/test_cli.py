@@ -14,8 +14,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
-from peft_cp_merge import folder_merge
 from peft_cp_merge.cli import main
+from peft_cp_merge.folders import merging as folder_merge
 
 WEIGHTS = [0.7, 0.4]
 TOKENS = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -113,7 +113,6 @@ def test_provenance_is_recorded_beside_the_config(adapters, tmp_path):
     [
         (["--weights", "1", "--rank", "4"], "Got 1 weights for 2 adapters"),
         (["--weights", "1", "1", "--method", "cat", "--rank", "4"], "do not pass a rank"),
-        (["--weights", "1", "1"], "needs a positive integer rank"),
         (["--weights", "1", "1", "--rank", "8"], "rank 8 is above 7"),
         (["--weights", "0", "0", "--rank", "4"], "All weights are zero"),
         (["--weights", "1", "1", "--rank", "4", "--device", "gpu0"], "Unknown device 'gpu0'"),
@@ -124,6 +123,13 @@ def test_bad_arguments_are_refused_and_nothing_is_written(adapters, tmp_path, ca
     assert main(["merge", *adapters, *extra, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_without_rank_each_method_takes_its_default(adapters, tmp_path):
+    for method, expected in (("cp", 7), ("svd", 4), ("cat", 7)):  # cp: min(2 max r, sum r); svd: max r
+        out = tmp_path / method
+        assert merge(*adapters, "--weights", *WEIGHTS, "--method", method, "--out", out) == 0
+        assert json.loads((out / "merge_info.json").read_text())["rank"] == expected
 
 
 def test_different_base_models_are_refused_unless_allowed(tmp_path, capsys):

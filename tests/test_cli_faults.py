@@ -18,10 +18,11 @@ from _cli_fixtures import save_peft_adapter, tiny_base, write_adapter
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from peft_cp_merge import __version__, folder_merge
+from peft_cp_merge import __version__
 from peft_cp_merge.cli import main
-from peft_cp_merge.merge_plan import METHODS
-from peft_cp_merge.output_folder import output_lock
+from peft_cp_merge.folders import merging as folder_merge
+from peft_cp_merge.folders.output import output_lock
+from peft_cp_merge.methods import METHODS
 
 TOKENS = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import random_stack
 
-from peft_cp_merge.compression import LoraCore, LoraStack, compress, lift
+from peft_cp_merge.engine.compression import LoraCore, LoraStack, compress, lift
 
 
 def _dense_from_core(stack, compressed):

@@ -3,7 +3,7 @@ import torch
 from conftest import planted_cp, random_stack
 
 from peft_cp_merge import cp_als
-from peft_cp_merge.compression import compress
+from peft_cp_merge.engine.compression import compress
 
 
 def _abs_congruence(found, planted):

@@ -2,9 +2,10 @@ import pytest
 import torch
 from conftest import planted_cp, random_stack
 
-from peft_cp_merge import cp_als, cp_init
-from peft_cp_merge.compression import compress
-from peft_cp_merge.cp_operators import DenseForm, KruskalCoreForm
+from peft_cp_merge import cp_als
+from peft_cp_merge.engine import starts as cp_init
+from peft_cp_merge.engine.compression import compress
+from peft_cp_merge.engine.operators import DenseForm, KruskalCoreForm
 
 
 @pytest.fixture

@@ -225,7 +225,7 @@ def test_library_weights():
 
 
 def test_merge_library_is_the_size_weighted_sum_at_full_rank(built, tmp_path):
-    pytest.importorskip("peft_cp_merge.folder_merge")
+    pytest.importorskip("peft_cp_merge.folders.merging")
     sizes = built.manifest.sizes
     rank = 3 * 4  # the sum of the adapters' ranks: the CP fit is exact
     result = merge_library(built.path, tmp_path / "merged", rank=rank, progress=False)

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from peft_cp_merge import output_folder
-from peft_cp_merge.output_folder import MARKER, OutputError, atomic_directory, check_output_dir, output_lock
+from peft_cp_merge.folders import output as output_folder
+from peft_cp_merge.folders.output import MARKER, OutputError, atomic_directory, check_output_dir, output_lock
 
 
 def ours(folder):

@@ -244,7 +244,13 @@ def test_bad_input_is_rejected_and_the_model_is_unchanged(two_adapters, case):
     ("config", "message"),
     [
         (_config(r=2, use_dora=True, target_modules=["lin0"]), "DoRA"),
-        (_config(r=2, lora_bias=True, target_modules=["lin0"]), "LoRA bias"),
+        (_config(r=2, lora_bias=True, target_modules=["lin0"]), "lora_bias=True is not supported"),
+        # One policy with the command line: full module copies cannot be merged, so they are refused
+        (
+            _config(r=2, target_modules=["lin0"], modules_to_save=["conv"]),
+            "modules_to_save=.* is not supported",
+        ),
+        (_config(r=2, target_modules=["lin0"], bias="lora_only"), "bias='lora_only' is not supported"),
     ],
 )
 def test_unsupported_adapters_are_refused(tiny_net, config, message):

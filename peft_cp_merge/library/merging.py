@@ -11,7 +11,7 @@ from typing import Any
 
 from peft import LoraConfig
 
-from ..merge import default_rank
+from ..methods import get_method
 from .manifest import load_library
 
 __all__ = ["WEIGHTINGS", "LibraryMergeInputs", "library_merge_inputs", "library_weights", "merge_library"]
@@ -80,7 +80,7 @@ def library_merge_inputs(
         lib_dir: A complete library written by `build_library`.
         weights: See `library_weights`.
         rank: Rank of the merged adapter. None: for ``"cp"`` the default of
-            ``add_cp_weighted_adapter`` (`peft_cp_merge.merge.default_rank` of the cluster
+            ``add_cp_weighted_adapter`` (`peft_cp_merge.methods.cp.default_rank` of the cluster
             adapters' ranks), for ``"svd"`` and ``"tsv"`` the largest cluster adapter rank (PEFT's
             svd default), and no rank for ``"cat"``.
         method: The merge method the inputs are for.
@@ -95,10 +95,11 @@ def library_merge_inputs(
             f"The library in {str(lib_dir)!r} is incomplete; run build_library again to finish it."
         )
     merge_weights = library_weights(library.manifest.sizes, weights)
-    if rank is None and method != "cat":
+    merge_method = get_method(method)
+    if rank is None and merge_method.takes_rank:
         configs = [LoraConfig.from_pretrained(str(folder)) for folder in library.adapter_dirs]
         ranks = [max([config.r, *config.rank_pattern.values()]) for config in configs]
-        rank = default_rank(ranks) if method == "cp" else max(ranks)
+        rank = merge_method.default_rank(ranks)
     return LibraryMergeInputs(library.adapter_dirs, tuple(merge_weights), rank)
 
 
@@ -121,7 +122,7 @@ def merge_library(
         weights: See `library_weights`; cluster-size-proportional by default.
         overwrite: Replace an existing ``out_dir``.
         progress: Show a progress bar.
-        **options: Passed on to ``peft_cp_merge.folder_merge.merge_adapter_folders`` (e.g.
+        **options: Passed on to ``peft_cp_merge.folders.merging.merge_adapter_folders`` (e.g.
             ``device``, ``cp_options``).
 
     Returns:
@@ -136,7 +137,7 @@ def merge_library(
         >>> result.out_dir  # doctest: +SKIP
         PosixPath('merged_adapter')
     """
-    from peft_cp_merge.folder_merge import merge_adapter_folders
+    from ..folders.merging import merge_adapter_folders
 
     inputs = library_merge_inputs(lib_dir, weights=weights, rank=rank)
     return merge_adapter_folders(

@@ -1,11 +1,10 @@
 """Merge PEFT LoRA adapter folders into a new adapter folder, without loading any base model.
 
 The result is what PEFT's in-memory ``add_weighted_adapter(adapters, weights, name,
-combination_type=...)`` would give (see :mod:`.merge_plan` for the config and scalings), written as a
-folder that ``PeftModel.from_pretrained(base, out)`` loads.
-
-Methods (:data:`~.merge_plan.METHODS`): ``"cp"`` (:func:`~.merge.merge_modules`, the joint CP
-decomposition) and the exact references of :mod:`.baselines` (``"cat"``, ``"svd"``, ``"tsv"``).
+combination_type=...)`` would give (see :mod:`.plan` for the config and scalings), written as a
+folder that ``PeftModel.from_pretrained(base, out)`` loads. Any registered method
+(:data:`peft_cp_merge.methods.METHODS`) can be used; the output folder is made safely by
+:mod:`.output` (``docs/design.md`` section 7).
 
 Memory: modules are read, merged and written group by group (``group_bytes`` of input factors at a
 time; CP-ALS batches the modules of a group). The output file is streamed, so peak memory is one
@@ -15,7 +14,6 @@ group plus small per-module cores, whatever the number of layers.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -24,27 +22,30 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import peft
 import torch
 from tqdm.auto import tqdm
 
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, read_factors, stream_safetensors
-from .baselines import merge_cat, merge_svd, merge_tsv
-from .compression import LoraStack
-from .cp_als import check_options
-from .input_checks import check_device, check_factor_values
-from .merge import AGGREGATIONS, MergedLora, merge_modules
-from .merge_plan import MergePlan, ModulePlan, plan_merge
-from .output_folder import MARKER, TOOL_NAME, atomic_directory, check_output_dir
+from .._version import __version__
+from ..engine.compression import LoraStack
+from ..input_checks import check_device, check_factor_values
+from ..methods import MergedLora, get_method
+from .output import MARKER, TOOL_NAME, atomic_directory, check_output_dir
+from .plan import MergePlan, ModulePlan, plan_merge
+from .reading import CONFIG_NAME, WEIGHTS_NAME, read_factors, stream_safetensors
 
-__all__ = ["CP_OPTIONS", "MergeResult", "check_values", "iter_module_stacks", "merge_adapter_folders"]
+__all__ = [
+    "DEFAULT_GROUP_BYTES",
+    "MergeResult",
+    "check_values",
+    "iter_module_stacks",
+    "merge_adapter_folders",
+]
 
 logger = logging.getLogger(__name__)
 
-CP_OPTIONS = ("aggregation", "init", "n_iter_max", "tol", "l2", "seed")
 DEFAULT_GROUP_BYTES = 256 * 2**20
 
 
@@ -55,7 +56,7 @@ class MergeResult:
     Attributes:
         out_dir: The written adapter folder.
         plan: The plan that was carried out.
-        modules: Module name -> its :class:`~.merge.MergedLora` without the factors (``rel_error``:
+        modules: Module name -> its :class:`.MergedLora` without the factors (``rel_error``:
             distance to the exact weighted sum; ``fit_error``, ``n_iter``, ``converged``).
         seconds: Wall time of reading, merging and writing.
     """
@@ -82,7 +83,7 @@ def iter_module_stacks(
     """Read the planned modules group by group, as one-module stacks with PEFT's scalings.
 
     Args:
-        plan: A plan from :func:`~.merge_plan.plan_merge`.
+        plan: A plan from :func:`.plan_merge`.
         device: Where the factors go.
         group_bytes: Input bytes read at a time (at least one module per group).
 
@@ -129,24 +130,11 @@ def _groups(plan: MergePlan, group_bytes: int) -> Iterator[list[ModulePlan]]:
 
 
 def _merge_group(
-    plan: MergePlan, stacks: Mapping[str, LoraStack], cp_options: Mapping[str, object]
+    plan: MergePlan, stacks: Mapping[str, LoraStack], options: object, device: torch.device | None
 ) -> dict[str, MergedLora]:
     modules = {m.name: m for m in plan.modules}
     weights = {name: [plan.weights[i] for i in modules[name].adapters] for name in stacks}
-    if plan.method == "cp":
-        return merge_modules(stacks, weights, rank=plan.rank, **cp_options)
-    if plan.method == "cat":
-        return {name: _pad(merge_cat(stack, weights[name]), plan.rank) for name, stack in stacks.items()}
-    merge = {"svd": merge_svd, "tsv": merge_tsv}[plan.method]
-    return {name: merge(stack, weights[name], rank=plan.rank) for name, stack in stacks.items()}
-
-
-def _pad(merged: MergedLora, rank: int) -> MergedLora:
-    """Zero-pad a ``cat`` merge to the common rank (exact: the extra components are zero)."""
-    missing = rank - merged.lora_A.shape[0]
-    lora_A = torch.cat([merged.lora_A, merged.lora_A.new_zeros(missing, merged.lora_A.shape[1])])
-    lora_B = torch.cat([merged.lora_B, merged.lora_B.new_zeros(merged.lora_B.shape[0], missing)], dim=1)
-    return dataclasses.replace(merged, lora_A=lora_A, lora_B=lora_B)
+    return get_method(plan.method).merge(stacks, weights, rank=plan.rank, options=options, device=device)
 
 
 def check_values(
@@ -161,37 +149,18 @@ def check_values(
         pass
 
 
-def _check_cp_options(rank: int | None, cp_options: Mapping[str, object]) -> None:
-    """Check the CP options with the engine's own rules, before anything is read."""
-    options = {**_cp_defaults(), **cp_options}
-    if options["aggregation"] not in AGGREGATIONS:
-        raise ValueError(
-            f"Unknown aggregation {options['aggregation']!r}; expected one of {list(AGGREGATIONS)}"
-        )
-    if rank is not None:  # a missing rank is reported by plan_merge
-        check_options(
-            rank,
-            options["init"],
-            options["n_iter_max"],
-            options["tol"],
-            options["l2"],
-            options["seed"],
-            torch.float64,
-        )
-
-
 @torch.no_grad()
 def merge_adapter_folders(
     adapter_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
     weights: Sequence[float],
-    rank: int | None,
+    rank: int | None = None,
     method: str = "cp",
+    options: object = None,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     allow_different_base: bool = False,
-    cp_options: Mapping[str, object] | None = None,
     group_bytes: int = DEFAULT_GROUP_BYTES,
     progress: bool = True,
 ) -> MergeResult:
@@ -205,14 +174,16 @@ def merge_adapter_folders(
         adapter_dirs: PEFT LoRA adapter folders (at least 2).
         out_dir: Folder to create.
         weights: One merge weight per adapter.
-        rank: Rank ``R`` of the merged adapter; ``None`` for ``"cat"``.
-        method: One of :data:`METHODS`.
+        rank: Rank ``R`` of the merged adapter; ``None`` for the method's default (must be ``None``
+            for ``"cat"``).
+        method: A registered method name (:data:`peft_cp_merge.methods.METHODS`).
+        options: The method's options: its options dataclass (e.g.
+            :class:`.CPOptions`), a mapping of its fields, or ``None`` for
+            the defaults.
         device: Where to compute (``"cpu"`` or ``"cuda"``).
         overwrite: Replace an existing ``out_dir``, which must be a folder this tool wrote (with its
             ``merge_info.json``) or empty.
         allow_different_base: Merge adapters made for different base models (with a warning).
-        cp_options: Options of :func:`~.merge.merge_modules` for ``"cp"``, any of
-            ``aggregation, init, n_iter_max, tol, l2, seed``.
         group_bytes: Input bytes read and merged at a time.
         progress: Show a progress bar over modules.
 
@@ -224,26 +195,18 @@ def merge_adapter_folders(
             sweeps); each module's iterations and convergence are in ``merge_info.json``.
 
     Raises:
-        ValueError, AdapterError: See :func:`plan_merge`; also unknown ``cp_options``, an unknown or
+        ValueError, AdapterError: See :func:`plan_merge`; also unknown or bad options, an unknown or
             absent device, factors with NaN/Inf or overflowing values (naming adapter, module and
             tensor).
         OutputError: ``out_dir`` overlaps an input or the current directory, exists with content this
             tool did not write (even with ``overwrite``), or is being written by another process
-            (:mod:`.output_folder`).
+            (:mod:`.output`).
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
 
     Example:
         >>> merge_adapter_folders(["math", "code"], "merged", weights=[1, 1], rank=16)  # doctest: +SKIP
     """
-    cp_options = dict(cp_options or {})
-    if cp_options and method != "cp":
-        raise ValueError(f"cp_options {sorted(cp_options)} only apply to method 'cp', not {method!r}")
-    if set(cp_options) - set(CP_OPTIONS):
-        raise ValueError(
-            f"Unknown cp_options {sorted(set(cp_options) - set(CP_OPTIONS))}; expected {list(CP_OPTIONS)}"
-        )
-    if method == "cp":
-        _check_cp_options(rank, cp_options)
+    options = get_method(method).make_options(options)
     if group_bytes < 1:
         raise ValueError(f"group_bytes must be positive, got {group_bytes}")
     device = check_device(device)
@@ -263,7 +226,7 @@ def merge_adapter_folders(
         modules = {m.name: m for m in plan.modules}
         for stacks in iter_module_stacks(plan, device=device, group_bytes=group_bytes):
             logger.info("Merging %d modules from %s", len(stacks), next(iter(stacks)))
-            for name, merged in _merge_group(plan, stacks, cp_options).items():
+            for name, merged in _merge_group(plan, stacks, options, None).items():
                 module = modules[name]
                 lora_A = merged.lora_A.to(plan.dtype).reshape(module.shape_A)
                 lora_B = merged.lora_B.to(plan.dtype).reshape(module.shape_B)
@@ -277,8 +240,8 @@ def merge_adapter_folders(
         seconds = time.perf_counter() - start
         result = MergeResult(out_dir=out_dir, plan=plan, modules=merged_modules, seconds=seconds)
         _save_config(plan, tmp)
-        _write_provenance(tmp, result, device=str(device), cp_options=cp_options)
-    _warn_not_converged(result, cp_options)
+        _write_provenance(tmp, result, device=str(device), options=options)
+    _warn_not_converged(result, options)
     return result
 
 
@@ -291,10 +254,10 @@ def _save_config(plan: MergePlan, folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _warn_not_converged(result: MergeResult, cp_options: Mapping[str, object]) -> None:
+def _warn_not_converged(result: MergeResult, options: object) -> None:
     late = result.not_converged
     if late:
-        n_iter_max = cp_options.get("n_iter_max", _cp_defaults()["n_iter_max"])
+        n_iter_max = getattr(options, "n_iter_max", None)
         warnings.warn(
             f"{len(late)} of {len(result.modules)} modules stopped at n_iter_max={n_iter_max} before "
             f"converging (e.g. {late[0]!r}); their CP fit may improve with a larger n_iter_max "
@@ -303,25 +266,17 @@ def _warn_not_converged(result: MergeResult, cp_options: Mapping[str, object]) -
         )
 
 
-def _cp_defaults() -> dict[str, object]:
-    return {k: p.default for k, p in inspect.signature(merge_modules).parameters.items() if k in CP_OPTIONS}
-
-
-def _provenance(result: MergeResult, *, device: str, cp_options: Mapping[str, object]) -> dict:
+def _provenance(result: MergeResult, *, device: str, options: object) -> dict:
     plan = result.plan
-    try:
-        tool_version = version("peft-cp-merge")
-    except PackageNotFoundError:
-        tool_version = "unknown"
     errors = [e for e in result.rel_errors.values() if e is not None]
     return {
-        "tool": f"{TOOL_NAME} {tool_version}",
+        "tool": f"{TOOL_NAME} {__version__}",
         "peft": peft.__version__,
         "torch": torch.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": plan.method,
         "rank": plan.rank,
-        "cp_options": dict(cp_options),
+        "options": dataclasses.asdict(options),
         "device": device,
         "inputs": [
             {
@@ -362,15 +317,13 @@ _REL_ERROR_MEANING = (
 )
 
 
-def _write_provenance(
-    folder: Path, result: MergeResult, *, device: str, cp_options: Mapping[str, object]
-) -> None:
+def _write_provenance(folder: Path, result: MergeResult, *, device: str, options: object) -> None:
     """``merge_info.json`` and a ``README.md`` model card saying how the adapter was made.
 
     PEFT's config loader warns about unknown keys in ``adapter_config.json``, so provenance lives
     beside it rather than in it.
     """
-    info = _provenance(result, device=device, cp_options=cp_options)
+    info = _provenance(result, device=device, options=options)
     (folder / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     summary = {k: v for k, v in info.items() if k not in ("module_stats", "rel_error_meaning")}
     rows = "\n".join(

@@ -3,7 +3,7 @@
 :func:`plan_merge` opens the folders (config and safetensors header only), checks that they can be
 merged into one adapter (same base model, same shapes per module, nothing unsupported, consistent
 ranks) and decides every module's output: the :class:`MergePlan` that
-:func:`~.folder_merge.merge_adapter_folders` carries out and ``--dry-run`` prints.
+:func:`.merge_adapter_folders` carries out and ``--dry-run`` prints.
 
 The merged adapter follows PEFT's ``add_weighted_adapter``: rank ``r = lora_alpha = R`` (scaling 1),
 no rsLoRA, no rank or alpha patterns, ``target_modules`` the exact list of modules that any input
@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from .adapter_io import AdapterError, AdapterFolder, FactorShapes, module_sort_key, open_adapter_folder
-from .input_checks import check_merge_weights, check_rank_bound
+from ..input_checks import check_merge_weights, check_rank_bound
+from ..methods import get_method
+from .reading import AdapterError, AdapterFolder, FactorShapes, module_sort_key, open_adapter_folder
 
-__all__ = ["METHODS", "MergePlan", "ModulePlan", "plan_merge"]
-
-METHODS = ("cp", "cat", "svd", "tsv")
+__all__ = ["MergePlan", "ModulePlan", "plan_merge"]
 # Config fields that the merged adapter copies from the first input, so all inputs must agree.
 _SHARED_FIELDS = ("fan_in_fan_out", "layer_replication")
 
@@ -67,7 +66,7 @@ class MergePlan:
     Attributes:
         adapters: The opened input folders.
         weights: One merge weight per adapter.
-        method: One of :data:`METHODS`.
+        method: A registered method name (:data:`peft_cp_merge.methods.METHODS`).
         rank: Rank of the merged adapter (``R``; for ``"cat"`` the largest total rank of a module).
         modules: Module plans in natural name order.
         dtype: dtype of the written factors (the inputs' dtype, promoted if they differ).
@@ -134,11 +133,12 @@ def _check_inputs(
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"The same adapter folder is given twice: {[str(d) for d in adapter_dirs]}")
     check_merge_weights(weights, len(adapter_dirs))
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}")
-    if method == "cat" and rank is not None:
-        raise ValueError("method 'cat' keeps every component (rank = sum of the ranks); do not pass a rank")
-    if method != "cat" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    merge_method = get_method(method)
+    if not merge_method.takes_rank and rank is not None:
+        raise ValueError(
+            f"method {method!r} keeps every component (rank = sum of the ranks); do not pass a rank"
+        )
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"method {method!r} needs a positive integer rank, got {rank!r}")
 
 
@@ -163,12 +163,16 @@ def _check_same_base(adapters: Sequence[AdapterFolder], allow_different_base: bo
             raise AdapterError(f"Adapters disagree on {field}: {by_folder}")
 
 
-def _module_plans(adapters: Sequence[AdapterFolder], rank: int | None) -> tuple[tuple[ModulePlan, ...], int]:
+def _module_plans(
+    adapters: Sequence[AdapterFolder], rank: int | None, method: str
+) -> tuple[tuple[ModulePlan, ...], int]:
     names = sorted({n for a in adapters for n in a.modules}, key=module_sort_key)
     present = {n: [i for i, a in enumerate(adapters) if n in a.modules] for n in names}
-    totals = {n: sum(adapters[i].modules[n].rank for i in present[n]) for n in names}
-    check_rank_bound(rank if rank is not None else 0, totals)
-    out_rank = rank if rank is not None else max(totals.values())
+    ranks = {n: [adapters[i].modules[n].rank for i in present[n]] for n in names}
+    if rank is None:
+        rank = max(get_method(method).default_rank(r) for r in ranks.values())
+    check_rank_bound(rank, {n: sum(r) for n, r in ranks.items()})
+    out_rank = rank
     plans = []
     for name in names:
         ref_index = present[name][0]
@@ -209,7 +213,7 @@ def plan_merge(
     adapter_dirs: Sequence[str | os.PathLike],
     *,
     weights: Sequence[float],
-    rank: int | None,
+    rank: int | None = None,
     method: str = "cp",
     allow_different_base: bool = False,
 ) -> MergePlan:
@@ -218,8 +222,10 @@ def plan_merge(
     Args:
         adapter_dirs: PEFT LoRA adapter folders (at least 2).
         weights: One merge weight per adapter.
-        rank: Rank ``R`` of the merged adapter; must be ``None`` for ``"cat"``.
-        method: One of :data:`METHODS`.
+        rank: Rank ``R`` of the merged adapter; ``None`` for the method's default (the largest over
+            modules of its ``default_rank``; for ``"cp"`` ``min(2 max r_i, sum r_i)``). Must be ``None``
+            for ``"cat"``.
+        method: A registered method name (:data:`peft_cp_merge.methods.METHODS`).
         allow_different_base: Merge adapters whose configs name different base models (with a
             warning) instead of refusing.
 
@@ -246,7 +252,7 @@ def plan_merge(
             f"adapter takes the first one's ({adapters[0].config.task_type})",
             stacklevel=2,
         )
-    modules, out_rank = _module_plans(adapters, rank)
+    modules, out_rank = _module_plans(adapters, rank, method)
     dtype = adapters[0].dtype
     for adapter in adapters[1:]:
         dtype = torch.promote_types(dtype, adapter.dtype)

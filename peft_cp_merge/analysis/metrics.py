@@ -7,7 +7,7 @@ the small core slices ``G_i`` and no ``d_out x d_in`` matrix is formed.
 - ``cosine[i][j] = <dW_i, dW_j>_F / (||dW_i||_F ||dW_j||_F)``.
 - ``sti``: TSV's Subspace Task Interference ``||(U^T U - I) diag(S) (V^T V - I)||_1`` (entrywise
   L1), with ``U = [U_1 ... U_N]``, ``V``, ``S`` the concatenated singular vectors and values of the
-  ``dW_i`` (:func:`~.baselines.task_svd`), and ``sti_rel = sti / sum(S)``. ``U^T U - I`` holds the
+  ``dW_i`` (:func:`.task_svd`), and ``sti_rel = sti / sum(S)``. ``U^T U - I`` holds the
   overlaps ``<u_a, u_b>`` between singular directions of *different* adapters (those of one adapter
   are orthonormal), so ``sti_rel`` is a singular-value-weighted sum of cross-adapter overlaps.
   How to read it:
@@ -25,8 +25,8 @@ the small core slices ``G_i`` and no ``d_out x d_in`` matrix is formed.
   * Typical range, for six rank-8 adapters at SmolLM2-135M widths (``benchmarks/quality``):
     unrelated random adapters 0.2-0.7; six trained task adapters 1.8-9 (median 4.2) although their
     largest ``|cos|`` is only about 0.1.
-- The CP counterpart, for each requested rank ``R`` (CP-ALS on the core, :func:`~.cp_als.cp_als`,
-  rank clamped to ``M = sum_i r_i`` as :func:`~.merge.merge_modules` does), with unit-norm output
+- The CP counterpart, for each requested rank ``R`` (CP-ALS on the core, :func:`.cp_als`,
+  rank clamped to ``M = sum_i r_i`` as :func:`.merge_modules` does), with unit-norm output
   factors ``u_r``, input factors ``v_r``, adapter loadings ``c_r`` and weights ``lambda_r``:
 
   * ``rel_error``: ``||T - T_hat||_F / ||T||_F``, the fit a CP merge at that rank starts from.
@@ -47,7 +47,7 @@ the small core slices ``G_i`` and no ``d_out x d_in`` matrix is formed.
     adapter, ``1/N`` when every component is shared equally.
 
 :func:`analyze_adapter_folders` computes these for every module of a set of adapter folders, reading
-them group by group; :mod:`.analysis_report` formats the table, the JSON and the plots.
+them group by group; :mod:`.analysis.report` formats the table, the JSON and the plots.
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapter_io import layer_index
-from .baselines import core_slices, task_svd
-from .compression import LoraCore, compress
-from .cp_als import CPResult, cp_als
-from .folder_merge import DEFAULT_GROUP_BYTES, iter_module_stacks
-from .merge_plan import plan_merge
+from ..engine.als import CPResult, cp_als
+from ..engine.compression import LoraCore, compress
+from ..folders.merging import DEFAULT_GROUP_BYTES, iter_module_stacks
+from ..folders.plan import plan_merge
+from ..folders.reading import layer_index
+from ..methods.core_space import core_slices, task_svd
 
 __all__ = [
     "CPInterference",
@@ -229,7 +229,7 @@ def analyze_adapter_folders(
 
     Raises:
         ValueError, AdapterError: Bad ranks, or folders that cannot be merged (see
-            :func:`~.merge_plan.plan_merge`).
+            :func:`.plan_merge`).
 
     Example:
         >>> report = analyze_adapter_folders(["math", "code"], ranks=[8, 16])  # doctest: +SKIP

@@ -8,11 +8,12 @@ flattened (``d_in = in_channels * prod(kernel)``) and restored by :meth:`Adapter
 
 Anything that would silently give a wrong merged adapter (DoRA, LoRA biases, trained base biases,
 ``modules_to_save``, LoRA variants whose forward is not ``x -> s B A x``, weights that belong to a
-modified base model) is refused when the folder is opened, with the reason.
+modified base model) is refused when the folder is opened, with the reason: the one policy of
+:func:`.check_lora_config`, which the PEFT binding applies too.
 
 The weights file of a merged adapter is streamed tensor by tensor (:func:`stream_safetensors`), so
 writing never holds the whole merged adapter in memory; the folder around it is made safely by
-:mod:`.output_folder`.
+:mod:`.folders.output`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from peft import LoraConfig, PeftConfig
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
+
+from ..input_checks import check_lora_config
 
 __all__ = [
     "AdapterError",
@@ -55,26 +58,6 @@ _FACTOR_SUFFIXES = {
     ".lora_embedding_A": ("A", "embedding"),
     ".lora_embedding_B": ("B", "embedding"),
 }
-
-# Config fields that change what the adapter computes beyond ``s * B @ A``: refused when set.
-_UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA adds a magnitude vector that a merged LoRA cannot carry",
-    "lora_bias": "a trained lora_B bias is not part of the low-rank delta B @ A",
-    "target_parameters": "adapters on nn.Parameter targets (e.g. MoE experts) are not LoRA layers "
-    "(PEFT's add_weighted_adapter refuses them too)",
-    "modules_to_save": "full copies of modules are not low-rank deltas and cannot be merged",
-    "trainable_token_indices": "trainable token embeddings are full rows, not low-rank deltas",
-    "use_qalora": "QA-LoRA pools the input, so its delta is not B @ A",
-    "alora_invocation_tokens": "activated LoRA applies its delta only after invocation tokens",
-    "use_bdlora": "block-diagonal LoRA layers are not plain B @ A factors",
-    "arrow_config": "Arrow routes between adapters at run time",
-    "kasa_config": "KaSA adds a trained singular-value vector",
-    "monteclora_config": "MonteCLoRA samples its factors",
-    "megatron_config": "Megatron-parallel layers store sharded factors",
-}
-# Initialisations that change the base weights (the adapter only works on the modified base) or
-# select a LoRA variant.
-_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
@@ -188,26 +171,10 @@ def _refuse(path: Path, what: str) -> AdapterError:
 
 
 def _check_config(path: Path, config: PeftConfig) -> LoraConfig:
-    if not isinstance(config, LoraConfig):
-        raise _refuse(path, f"not a LoRA adapter (peft_type={config.peft_type!s}); only LoRA can be merged")
-    for field, reason in _UNSUPPORTED_FIELDS.items():
-        if getattr(config, field, None):
-            raise _refuse(path, f"{field}={getattr(config, field)!r} is not supported: {reason}")
-    if config.bias != "none":
-        raise _refuse(
-            path, f"bias={config.bias!r} is not supported: trained base-model biases are not low-rank"
-        )
-    for field in ("r", "lora_alpha"):
-        value = getattr(config, field)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise _refuse(path, f"{CONFIG_NAME}: {field} must be a positive number, got {value!r}")
-    init = config.init_lora_weights
-    if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
-        raise _refuse(
-            path,
-            f"init_lora_weights={init!r} is not supported: the adapter belongs to a modified base model or a "
-            "LoRA variant; save it with path_initial_model_for_weight_conversion to get a plain LoRA",
-        )
+    try:
+        check_lora_config(config, source=str(path))
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
     return config
 
 

@@ -89,7 +89,7 @@ def check_output_dir(
     Example:
         >>> check_output_dir("/tmp/out", ["/tmp/out/a"])  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
-        peft_cp_merge.output_folder.OutputError: Output /tmp/out contains the input /tmp/out/a
+        peft_cp_merge.folders.output.OutputError: Output /tmp/out contains the input /tmp/out/a
     """
     out = _resolve(out_dir)
     for item in inputs:

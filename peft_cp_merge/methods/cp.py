@@ -12,7 +12,8 @@ delta is ``dW = sum_r g_r u_r v_r^T`` with per-component gains ``g_r`` from the 
   a shared one is not counted N times.
 
 The merged adapter has rank ``R``: ``lora_B = U diag(sqrt|g|)``, ``lora_A = diag(sign(g) sqrt|g|) V^T``
-and scaling 1 (``r = lora_alpha = R``).
+and scaling 1 (``r = lora_alpha = R``). The maths and the measurements behind the defaults:
+``docs/design.md`` sections 3, 4 and 9.
 """
 
 from __future__ import annotations
@@ -20,23 +21,25 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .compression import CompressedLora, LoraCore, LoraStack, compress_many, lift
-from .cp_als import CPResult, canonicalize, cp_als
+from ..engine.als import CPResult, canonicalize, check_options, cp_als
+from ..engine.compression import CompressedLora, LoraCore, LoraStack, compress_many, lift
+from ..engine.starts import INITS
+from .base import MergedLora, MergeMethod, pad_rank, stack_weights, weighted_sum_error
 
 __all__ = [
     "AGGREGATIONS",
     "DISJOINT_THRESHOLD",
-    "MergedLora",
+    "METHOD",
+    "CPOptions",
     "aggregate_loadings",
     "default_rank",
     "merge_modules",
-    "weighted_sum_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,52 +67,36 @@ def default_rank(ranks: Sequence[int]) -> int:
 
 
 @dataclass(frozen=True)
-class MergedLora:
-    """One module's merged adapter: ``delta = lora_B @ lora_A`` (scaling 1).
+class CPOptions:
+    """Options of the ``"cp"`` merge, checked when made.
 
-    Attributes:
-        lora_A: ``(R, d_in)``.
-        lora_B: ``(d_out, R)``.
-        rel_error: The one meaning of "relative error" for every method:
-            ``||delta - sum_i w_i dW_i||_F / ||sum_i w_i dW_i||_F``, the distance of the merged delta
-            to the exact weighted sum (PEFT's ``"cat"``). 0 for ``"cat"``; for methods that rescale
-            on purpose (TSV, disjoint CP) it says how far they moved from the plain sum.
-        fit_error: The method's own fit: the CP fit ``||T - T_hat|| / ||T||`` of the stacked deltas
-            for ``"cp"``, the share of the merged delta dropped by the rank truncation for ``"svd"``
-            and ``"tsv"``, 0 for ``"cat"``; ``None`` where a method fits nothing.
-        n_iter: ALS sweeps run (``"cp"`` only).
-        converged: Whether the ALS met its tolerance before ``n_iter_max`` (``"cp"`` only).
+    Example:
+        >>> CPOptions(aggregation="disjoint", n_iter_max=500).tol
+        1e-05
+        >>> CPOptions(init="best")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown init 'best'; expected one of ['gevd', 'random', 'svd']
     """
 
-    lora_A: Tensor
-    lora_B: Tensor
-    rel_error: float | None = None
-    fit_error: float | None = None
-    n_iter: int | None = None
-    converged: bool | None = None
+    aggregation: str = field(
+        default="weighted",
+        metadata={"help": "how adapter loadings become gains", "choices": AGGREGATIONS},
+    )
+    init: str = field(default="gevd", metadata={"help": "CP-ALS initialisation", "choices": INITS})
+    n_iter_max: int = field(default=200, metadata={"help": "maximum ALS sweeps"})
+    tol: float = field(
+        default=1e-5, metadata={"help": "ALS stopping tolerance on the change of relative error"}
+    )
+    l2: float = field(default=0.0, metadata={"help": "relative ridge term of the ALS normal equations"})
+    seed: int = field(default=0, metadata={"help": "seed of every random number"})
 
-
-def weighted_sum_error(delta_core: Tensor, core: LoraCore, merge_weights: Tensor) -> Tensor:
-    """``||delta - sum_i w_i dW_i||_F / ||sum_i w_i dW_i||_F`` from core coordinates, batched.
-
-    With orthonormal core bases the distance in core coordinates is the distance of the full
-    ``d_out x d_in`` matrices, so this is exact without forming them.
-
-    Args:
-        delta_core: ``(batch, M, M)`` merged deltas in core coordinates (``Q_B^T delta Q_A``).
-        core: The compressed core of the stacks.
-        merge_weights: ``w`` ``(batch, N)``.
-
-    Returns:
-        ``(batch,)`` float64 relative distances (the absolute one where the weighted sum is zero).
-    """
-    left, right = core.left.to(torch.float64), core.right.to(torch.float64)
-    ranks = torch.tensor(core.ranks, device=left.device)
-    column_weights = torch.repeat_interleave(merge_weights.to(left), ranks, dim=1)
-    target = (left * column_weights[:, None, :]) @ right.mT
-    norm = torch.linalg.matrix_norm(target)
-    distance = torch.linalg.matrix_norm(delta_core.to(target) - target)
-    return torch.where(norm > 0, distance / torch.where(norm > 0, norm, 1.0), distance)
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"Unknown aggregation {self.aggregation!r}; expected one of {list(AGGREGATIONS)}"
+            )
+        check_options(1, self.init, self.n_iter_max, self.tol, self.l2, self.seed)
 
 
 def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, aggregation: str) -> Tensor:
@@ -161,12 +148,7 @@ def merge_modules(
     weights: Mapping[str, Sequence[float] | Tensor],
     *,
     rank: int,
-    aggregation: str = "weighted",
-    init: str = "gevd",
-    n_iter_max: int = 200,
-    tol: float = 1e-5,
-    l2: float = 0.0,
-    seed: int = 0,
+    options: CPOptions | None = None,
     device: torch.device | str | None = None,
     progress: bool | None = False,
     max_core_bytes: int = 2**31,
@@ -174,17 +156,12 @@ def merge_modules(
     """Merge the adapters of many modules, batching every core of the same shape into one CP-ALS.
 
     Args:
-        stacks: Module name -> :class:`~.compression.LoraStack` of batch size 1 (the adapters present
+        stacks: Module name -> :class:`.LoraStack` of batch size 1 (the adapters present
             in that module, with their scalings).
         weights: Module name -> merge weight of each adapter in that module's stack.
         rank: Components ``R`` of the merged adapters. A module whose adapters have a total rank
             ``M < R`` is fitted exactly with ``M`` components and padded with zeros.
-        aggregation: How loadings become gains, one of :data:`AGGREGATIONS`.
-        init: CP-ALS initialisation, see :func:`~.cp_als.cp_als`.
-        n_iter_max: Maximum ALS sweeps.
-        tol: ALS stopping tolerance on the change of relative error.
-        l2: Relative ridge term of the ALS normal equations.
-        seed: Seed of every random number used.
+        options: :class:`CPOptions` (default: ``CPOptions()``).
         device: Where to compute (default: where each stack lives). Results come back on the
             stack's device and dtype.
         progress: Show a progress bar (``None``: on a terminal only).
@@ -203,18 +180,11 @@ def merge_modules(
         >>> merged["fc"].lora_A.shape
         torch.Size([8, 30])
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
-    if set(stacks) != set(weights):
-        raise ValueError(f"stacks and weights name different modules: {sorted(set(stacks) ^ set(weights))}")
-    merge_weights: dict[str, Tensor] = {}
-    for name, stack in stacks.items():
-        if stack.shape[0] != 1:
-            raise ValueError(f"Module {name!r}: expected a stack of batch size 1, got {stack.shape[0]}")
-        w = torch.as_tensor(weights[name], dtype=torch.float64).flatten()
-        if w.numel() != stack.shape[3]:
-            raise ValueError(f"Module {name!r}: {w.numel()} weights for {stack.shape[3]} adapters")
-        merge_weights[name] = w
+    options = METHOD.make_options(options)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    merge_weights = stack_weights(stacks, weights)
+    aggregation = options.aggregation
 
     groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
     for name, stack in stacks.items():
@@ -237,11 +207,20 @@ def merge_modules(
             "CP-ALS on %d modules, core %s, rank %d", len(names), compressed.core.shape[1:], effective_rank
         )
         result = cp_als(
-            compressed.core, effective_rank, init=init, n_iter_max=n_iter_max, tol=tol, l2=l2, seed=seed
+            compressed.core,
+            effective_rank,
+            init=options.init,
+            n_iter_max=options.n_iter_max,
+            tol=options.tol,
+            l2=options.l2,
+            seed=options.seed,
         )
         if (~result.converged).any():
             logger.info(
-                "%d of %d modules stopped at n_iter_max=%d", (~result.converged).sum(), len(names), n_iter_max
+                "%d of %d modules stopped at n_iter_max=%d",
+                (~result.converged).sum(),
+                len(names),
+                options.n_iter_max,
             )
         weights_batch = torch.stack([merge_weights[name] for name in names]).to(compressed.core.left.device)
         rel_errors = _core_rel_errors(compressed.core, result, weights_batch, aggregation)
@@ -294,12 +273,8 @@ def _lift_module(
     cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
     gains = aggregate_loadings(cp_weights, c, merge_weights[None].to(c.device), aggregation)[0]
     lora_A, lora_B = _split_gains(u[0], v[0], gains)
-    missing = rank - lora_A.shape[0]
-    if missing > 0:
-        lora_A = torch.cat([lora_A, lora_A.new_zeros(missing, lora_A.shape[1])])
-        lora_B = torch.cat([lora_B, lora_B.new_zeros(lora_B.shape[0], missing)], dim=1)
     home, out_dtype = original.lora_A[0].device, original.lora_A[0].dtype
-    return MergedLora(
+    merged = MergedLora(
         lora_A=lora_A.to(dtype=out_dtype, device=home),
         lora_B=lora_B.to(dtype=out_dtype, device=home),
         rel_error=rel_error,
@@ -307,3 +282,18 @@ def _lift_module(
         n_iter=int(result.n_iter[index]),
         converged=bool(result.converged[index]),
     )
+    return pad_rank(merged, rank)
+
+
+def _merge(stacks, weights, *, rank, options=None, device=None, progress=False) -> dict[str, MergedLora]:
+    return merge_modules(stacks, weights, rank=rank, options=options, device=device, progress=progress)
+
+
+METHOD = MergeMethod(
+    name="cp",
+    help="joint CP decomposition of all adapters' deltas, rank R (default min(2 max r, sum r))",
+    options_type=CPOptions,
+    default_rank=default_rank,
+    takes_rank=True,
+    merge=_merge,
+)

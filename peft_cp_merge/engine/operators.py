@@ -3,7 +3,7 @@
 Both expose the same small interface, so the ALS loop and the initialisations never look inside:
 
 - :class:`DenseForm`: an explicit ``(batch, I, J, K)`` tensor.
-- :class:`KruskalCoreForm`: the factored core of a LoRA stack (see :mod:`peft_cp_merge.compression`),
+- :class:`KruskalCoreForm`: the factored core of a LoRA stack (see :mod:`peft_cp_merge.engine.compression`),
   ``X = [[P1, P2, E]]`` with ``P1 = left (batch, I, M)``, ``P2 = right (batch, J, M)`` and ``E`` the
   ``(K, M)`` adapter indicator. Every operation costs ``O(M^2 R)`` or ``O(M^3)``, never ``I * J * K``.
 

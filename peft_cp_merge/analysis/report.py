@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .analysis import InterferenceReport, ModuleInterference
+from .metrics import InterferenceReport, ModuleInterference
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -145,7 +145,7 @@ def write_report_json(report: InterferenceReport, path: str | os.PathLike) -> Pa
 
 def _legend_lines(n_adapters: int, width: int = 100) -> list[str]:
     """The legend under the table: each column's explanation, wrapped under a hanging indent."""
-    lines = ["How to read the columns (definitions: peft_cp_merge.analysis):"]
+    lines = ["How to read the columns (definitions: peft_cp_merge.analysis.metrics):"]
     for column, text in column_legend(n_adapters).items():
         lines += textwrap.wrap(
             text, width=width, initial_indent=f"  {column:<9} ", subsequent_indent=" " * 12

@@ -1,8 +1,8 @@
 """Batched CP-ALS (PARAFAC by alternating least squares) for third-order tensors, in pure PyTorch.
 
 ``X ~= sum_r weights_r a_r o b_r o c_r`` for every element of a batch, where the batch is either a
-dense ``(batch, I, J, K)`` tensor, the exact core of LoRA stacks (:class:`~.compression.LoraCore`), or
-LoRA stacks themselves (:class:`~.compression.LoraStack`, compressed, decomposed on the core and
+dense ``(batch, I, J, K)`` tensor, the exact core of LoRA stacks (:class:`.LoraCore`), or
+LoRA stacks themselves (:class:`.LoraStack`, compressed, decomposed on the core and
 lifted back, never forming ``d_out x d_in x N``). Every batch element stops on its own criterion;
 finished elements drop out of the working set.
 
@@ -20,8 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .compression import CompressedLora, LoraCore, LoraStack, compress, lift
-from .cp_init import INITS, initialize
-from .cp_operators import EXACT_ERROR_BELOW, DenseForm, Factors, KruskalCoreForm, factor_grams
+from .operators import EXACT_ERROR_BELOW, DenseForm, Factors, KruskalCoreForm, factor_grams
+from .starts import INITS, initialize
 
 __all__ = ["CPResult", "canonicalize", "check_options", "cp_als"]
 
@@ -220,8 +220,8 @@ def cp_als(
     """Fit a rank-``rank`` CP model to every element of a batch of third-order tensors.
 
     Args:
-        tensor: A dense ``(batch, I, J, K)`` tensor, a :class:`~.compression.LoraCore`, or a
-            :class:`~.compression.LoraStack` (compressed exactly, decomposed on the core, lifted back:
+        tensor: A dense ``(batch, I, J, K)`` tensor, a :class:`.LoraCore`, or a
+            :class:`.LoraStack` (compressed exactly, decomposed on the core, lifted back:
             factors ``(batch, d_out, R)``, ``(batch, d_in, R)``, ``(batch, N, R)``).
         rank: Number of components ``R``.
         init: ``"gevd"`` (algebraic start, exact for CP rank <= R; falls back to ``"svd"`` where it

@@ -1,6 +1,6 @@
 """Initial factors for CP-ALS: ``svd``, ``random`` and ``gevd``.
 
-All three work on either tensor form of :mod:`peft_cp_merge.cp_operators` and return unit-norm
+All three work on either tensor form of :mod:`peft_cp_merge.engine.operators` and return unit-norm
 columns. Random numbers come from a CPU ``torch.Generator`` seeded with ``seed``, so the same seed
 gives the same start on every device.
 
@@ -9,9 +9,9 @@ Domanov & De Lathauwer 2014): project onto the leading ``R``-dimensional mode-1 
 subspaces, take two random mixtures ``W1, W2`` of the projected frontal slices; the eigenvectors of
 ``W1 W2^-1`` are the mode-1 factor, and each component's mode-2 and mode-3 vectors follow from a
 rank-1 fit. It is exact on tensors of CP rank ``<= R`` and lands near the optimum on noisy ones,
-where plain ALS from an SVD start can need thousands of iterations (DESIGN.md section 2). It needs
+where plain ALS from an SVD start can need thousands of iterations (``docs/design.md`` section 3). It needs
 ``R <= I``, ``R <= J`` and ``K >= 2``; elsewhere, or for batch elements where it breaks down
-(singular mixtures), it falls back to ``svd``. (For a LoRA core with ``R >= M`` :func:`~.cp_als.cp_als`
+(singular mixtures), it falls back to ``svd``. (For a LoRA core with ``R >= M`` :func:`.cp_als`
 needs no start at all: the core's own factors are an exact CP.)
 
 The leading subspaces come from ``eigh`` of the unfolding's Gram matrix for short modes. From
@@ -28,7 +28,7 @@ import logging
 import torch
 from torch import Tensor
 
-from .cp_operators import DenseForm, Factors, KruskalCoreForm
+from .operators import DenseForm, Factors, KruskalCoreForm
 
 logger = logging.getLogger(__name__)
 

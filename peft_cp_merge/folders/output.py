@@ -41,7 +41,15 @@ try:
 except ImportError:  # pragma: no cover - Windows: O_EXCL lock files without stale detection
     fcntl = None
 
-__all__ = ["MARKER", "TOOL_NAME", "OutputError", "atomic_directory", "check_output_dir", "output_lock"]
+__all__ = [
+    "MARKER",
+    "TOOL_NAME",
+    "OutputError",
+    "atomic_directory",
+    "atomic_write_text",
+    "check_output_dir",
+    "output_lock",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -280,3 +288,26 @@ def atomic_directory(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    The text goes to a hidden temporary file beside ``path``, is flushed to disk (``fsync``) and
+    renamed over ``path``; on any error the temporary file is removed.
+
+    Example:
+        >>> atomic_write_text("library.json", "{}")  # doctest: +SKIP
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with _suppress_os_error():
+            temporary.unlink()
+        raise

@@ -23,6 +23,8 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from ..folders.output import atomic_write_text
+
 __all__ = [
     "ASSIGNMENTS_FILE",
     "CENTROIDS_FILE",
@@ -190,7 +192,5 @@ def is_cluster_complete(folder: Path) -> bool:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary file next to ``path`` and renames it over ``path``."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    """Writes JSON atomically and durably (:func:`~peft_cp_merge.folders.output.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

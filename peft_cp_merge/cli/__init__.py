@@ -3,10 +3,12 @@
 Each subcommand has an ``_add_<name>_parser`` function that declares its arguments and a
 ``run_<name>`` function that calls the matching library function and prints the result:
 
-- ``merge`` -> :func:`.merge_adapter_folders` (``--dry-run``:
-  :func:`.plan_merge`),
+- ``merge`` -> :func:`.merge_adapter_folders` (``--dry-run``: :func:`.plan_merge`),
 - ``analyze`` -> :func:`.analyze_adapter_folders` and :mod:`.analysis.report`,
-- ``build-library`` -> :func:`~.library.build_library` (``merge --library`` merges its adapters).
+- ``build-library`` (:mod:`.cli.build_library`) -> :func:`.build_library` (``merge --library``
+  merges its adapters).
+
+Argument types and the method options generated from the registry are in :mod:`.cli.arguments`.
 
 Example::
 
@@ -19,26 +21,26 @@ Example::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import math
 import signal
 import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .analysis.metrics import analyze_adapter_folders
-from .analysis.report import format_report, plot_report, write_report_json
-from .folders.merging import DEFAULT_GROUP_BYTES, check_values, merge_adapter_folders
-from .folders.output import OutputError, check_output_dir
-from .folders.plan import plan_merge
-from .folders.reading import CONFIG_NAME, WEIGHTS_NAME
-from .input_checks import check_device
-from .methods import METHODS, get_method
+from .._version import __version__
+from ..analysis.metrics import analyze_adapter_folders
+from ..analysis.report import format_report, plot_report, write_report_json
+from ..folders.merging import check_values, merge_adapter_folders
+from ..folders.output import OutputError, check_output_dir
+from ..folders.plan import plan_merge
+from ..folders.reading import CONFIG_NAME, WEIGHTS_NAME
+from ..input_checks import check_device
+from ..methods import METHODS, get_method
+from .arguments import add_common, add_method_options, finite, method_options, positive_int
+from .build_library import add_build_library_parser, run_build_library
 
 __all__ = [
     "EXIT_FAULT",
@@ -55,44 +57,6 @@ EXIT_USAGE = 2  # the request cannot be carried out as given (argparse's code fo
 EXIT_FAULT = 1  # a fault while carrying it out (disk full, out of memory, an unexpected error)
 # Errors that mean "the request cannot be carried out as given": one line, exit code 2.
 _USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
-
-
-def _number(kind: Callable[[str], float], low: float, *, inclusive: bool = True, what: str):
-    """An argparse type: a number of ``kind`` at least ``low`` (or above it), with a clear error."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (not inclusive and value == low):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _number(int, 1, what="an integer >= 1")
-_non_negative = _number(float, 0.0, what="a finite number >= 0")
-_positive = _number(float, 0.0, inclusive=False, what="a number > 0")
-_finite = _number(float, -math.inf, what="a finite number")
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, or cuda:N")
-    parser.add_argument(
-        "--allow-different-base",
-        action="store_true",
-        help="accept adapters whose configs name different base models (a warning instead of an error)",
-    )
-    parser.add_argument(
-        "--group-mb",
-        type=_positive,
-        default=DEFAULT_GROUP_BYTES / 2**20,
-        help="MiB of adapter factors read at a time; bounds peak memory (default %(default)g)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
 
 def _add_merge_parser(subparsers) -> None:
@@ -123,13 +87,13 @@ def _add_merge_parser(subparsers) -> None:
     parser.add_argument(
         "--weights",
         nargs="+",
-        type=_finite,
+        type=finite,
         metavar="W",
         help="one merge weight per adapter (required without --library)",
     )
     parser.add_argument(
         "--rank",
-        type=_positive_int,
+        type=positive_int,
         help="rank R of the merged adapter (not with --method cat); at most the largest sum of the "
         "adapters' ranks in a module (above it only zeros would be added: refused)",
     )
@@ -152,38 +116,9 @@ def _add_merge_parser(subparsers) -> None:
         help="check the inputs (configs, shapes, every value for NaN/Inf), the rank and OUT_DIR, print "
         "what would be merged, write nothing",
     )
-    _add_method_options(parser)
-    _add_common(parser)
+    add_method_options(parser)
+    add_common(parser)
     parser.set_defaults(run=run_merge)
-
-
-_OPTION_TYPES = {"int": int, "float": _finite, "str": str}
-
-
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    """One argument group per method with options, generated from its options dataclass."""
-    seen: set[str] = set()
-    for method in METHODS.values():
-        fields = [f for f in dataclasses.fields(method.options_type) if f.name not in seen]
-        if not fields:
-            continue
-        group = parser.add_argument_group(
-            f"{method.name} options (checked by {method.options_type.__name__})"
-        )
-        for field in fields:
-            seen.add(field.name)
-            group.add_argument(
-                f"--{field.name.replace('_', '-')}",
-                type=_OPTION_TYPES[str(field.type)],
-                choices=field.metadata.get("choices"),
-                help=f"{field.metadata.get('help', '')} (default {field.default!r})",
-            )
-
-
-def _method_options(args: argparse.Namespace) -> dict[str, object]:
-    """The method options given on the command line (the others keep their defaults)."""
-    names = {f.name for m in METHODS.values() for f in dataclasses.fields(m.options_type)}
-    return {name: getattr(args, name) for name in sorted(names) if getattr(args, name, None) is not None}
 
 
 def _add_analyze_parser(subparsers) -> None:
@@ -205,7 +140,7 @@ def _add_analyze_parser(subparsers) -> None:
         "--rank",
         dest="ranks",
         nargs="+",
-        type=_positive_int,
+        type=positive_int,
         metavar="R",
         help="CP ranks to fit (default: the largest adapter rank r and 2r)",
     )
@@ -215,69 +150,11 @@ def _add_analyze_parser(subparsers) -> None:
         help="write report.json and plots here (not into an adapter folder or an input)",
     )
     parser.add_argument(
-        "--top", type=_positive_int, default=15, help="rows in the worst-modules table (default 15)"
+        "--top", type=positive_int, default=15, help="rows in the worst-modules table (default 15)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of CP-ALS (default 0)")
-    _add_common(parser)
+    add_common(parser)
     parser.set_defaults(run=run_analyze)
-
-
-def _add_build_library_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "build-library",
-        help="cluster instructions and train one LoRA adapter per cluster (C-LoRA)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Embed every instruction with a sentence encoder, cluster them with k-means (fitted on\n"
-            "a sample), train one LoRA adapter per cluster and write a library folder with a\n"
-            "library.json manifest. Re-running the same command resumes an interrupted build.\n"
-            "Needs the library extra: pip install -e '.[library]' from a clone."
-        ),
-        epilog=(
-            "examples:\n"
-            "  peft-cp-merge build-library --data train.jsonl --base-model model/ --k 10 --out library/\n"
-            "  peft-cp-merge build-library --data train.csv --instruction-field prompt \\\n"
-            "      --response-field answer --base-model model/ --k 4 6 8 10 12 --out library/\n"
-            "      (several --k values: K chosen by silhouette on the sample)\n"
-            "  accelerate launch --multi_gpu --num_processes 2 -m peft_cp_merge build-library ...\n"
-            "      (clusters split across the processes; on CPUs set ACCELERATE_USE_CPU=true)"
-        ),
-    )
-    parser.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl or .csv)")
-    parser.add_argument("--instruction-field", default="instruction", help="field with the instruction")
-    parser.add_argument("--response-field", default="response", help="field with the response")
-    parser.add_argument("--base-model", required=True, metavar="PATH", help="base model folder or name")
-    parser.add_argument(
-        "--out", required=True, metavar="LIB_DIR", help="library folder (resumed if it exists)"
-    )
-    parser.add_argument("--encoder", help="SentenceTransformer name or folder (default: all-MiniLM-L6-v2)")
-    parser.add_argument("--k", nargs="+", type=int, default=[10], help="K, or candidate Ks (default 10)")
-    parser.add_argument("--sample-fraction", type=float, default=0.2, help="k-means sample (default 0.2)")
-    parser.add_argument(
-        "--min-cluster-size", type=int, default=10, help="merge smaller clusters (default 10)"
-    )
-    parser.add_argument("--seed", type=int, default=42, help="seed of clustering and training (default 42)")
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=int, default=8, help="adapter rank (default 8)")
-    lora.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
-    lora.add_argument("--target-modules", nargs="+", help="modules to adapt (default: PEFT's for the model)")
-    train = parser.add_argument_group("training (the same for every cluster)")
-    train.add_argument("--epochs", type=int, default=1, help="passes over a cluster (default 1)")
-    train.add_argument("--max-steps", type=int, help="optimizer steps per cluster (overrides --epochs)")
-    train.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
-    train.add_argument(
-        "--grad-accum", type=int, default=1, help="forward passes per optimizer step (default 1)"
-    )
-    train.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
-    train.add_argument("--max-length", type=int, default=512, help="tokens per example (default 512)")
-    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="(default no)")
-    train.add_argument(
-        "--prompt-template", default="{instruction}\n", help="prompt format (default: '{instruction}\\n')"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    parser.set_defaults(run=run_build_library)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_merge_parser(subparsers)
     _add_analyze_parser(subparsers)
-    _add_build_library_parser(subparsers)
+    add_build_library_parser(subparsers)
     return parser
 
 
@@ -301,7 +178,7 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.library is not None:
         if args.adapters:
             raise ValueError("Give either ADAPTER_DIR arguments or --library, not both")
-        from .library import library_merge_inputs
+        from ..library import library_merge_inputs
 
         inputs = library_merge_inputs(
             args.library, weights=args.weights or "size", rank=args.rank, method=args.method
@@ -310,7 +187,7 @@ def run_merge(args: argparse.Namespace) -> int:
     elif not args.adapters or args.weights is None:
         raise ValueError("Give ADAPTER_DIR arguments with --weights, or --library")
     device = check_device(args.device)
-    options = get_method(args.method).make_options(_method_options(args))
+    options = get_method(args.method).make_options(method_options(args))
     if args.dry_run:
         check_output_dir(args.out, args.adapters, overwrite=args.overwrite)
         plan = plan_merge(
@@ -379,53 +256,6 @@ def _report_dir(out: str, adapters: Sequence[str]) -> Path:
             f"Report folder {path} holds an adapter ({', '.join(found)}); choose a folder of its own"
         )
     return path
-
-
-def run_build_library(args: argparse.Namespace) -> int:
-    """``build-library``: :func:`~.library.build_library` on the examples of ``--data``."""
-    from peft import LoraConfig
-
-    from .library import ClusteringOptions, TrainingOptions, build_library, load_examples
-
-    examples = load_examples(
-        args.data, instruction_field=args.instruction_field, response_field=args.response_field
-    )
-    library = build_library(
-        examples,
-        args.out,
-        base_model=args.base_model,
-        lora_config=LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=args.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-        encoder=args.encoder,
-        clustering=ClusteringOptions(
-            k=args.k[0] if len(args.k) == 1 else tuple(args.k),
-            sample_fraction=args.sample_fraction,
-            min_cluster_size=args.min_cluster_size,
-        ),
-        training=TrainingOptions(
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            learning_rate=args.lr,
-            max_length=args.max_length,
-            mixed_precision=args.mixed_precision,
-            prompt_template=args.prompt_template,
-        ),
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    manifest = library.manifest
-    scores = ", ".join(f"K={k}: {s:.3f}" for k, s in manifest.k_scores if s is not None)
-    print(f"Wrote {library.path}: {manifest.k} clusters of sizes {list(manifest.sizes)}")
-    if scores:
-        print(f"Silhouette by K: {scores}")
-    return 0
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

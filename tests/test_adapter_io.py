@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _cli_fixtures import save_peft_adapter, tiny_base, write_adapter
 from peft import IA3Config, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from testing_utils import save_peft_adapter, tiny_base, write_adapter
 
 from peft_cp_merge.folders.reading import (
     AdapterError,

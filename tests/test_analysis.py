@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli_fixtures import orthonormal, write_adapter
+from testing_utils import orthonormal, write_adapter
 
 from peft_cp_merge.analysis.metrics import analyze_adapter_folders, pairwise_cosine, subspace_interference
 from peft_cp_merge.analysis.report import (

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import runpy
 import sys
 import warnings
 
 import pytest
 import torch
-from _cli_fixtures import save_peft_adapter, tiny_base, write_adapter
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from testing_utils import save_peft_adapter, tiny_base, write_adapter
 
 import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
+from peft_cp_merge import cli
 from peft_cp_merge.cli import main
 from peft_cp_merge.folders import merging as folder_merge
 
@@ -221,12 +222,23 @@ def test_analyze_writes_table_json_and_plots(adapters, tmp_path, capsys):
     assert json.loads((report / "report.json").read_text())["ranks"] == [2, 4]
 
 
-def test_python_dash_m_help():
-    done = subprocess.run(
-        [sys.executable, "-m", "peft_cp_merge", "merge", "--help"], capture_output=True, text=True
-    )
-    assert done.returncode == 0
-    assert "--weights" in done.stdout
+def test_python_dash_m_help(monkeypatch, capsys):
+    # In-process ``python -m peft_cp_merge merge --help``: __main__ calls main() and exits with its code.
+    monkeypatch.setattr(sys, "argv", ["peft_cp_merge", "merge", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("peft_cp_merge", run_name="__main__")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: peft-cp-merge merge ")
+    assert "--weights" in out
+
+
+def test_python_dash_m_exits_with_the_status_main_returns(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["peft_cp_merge"])
+    monkeypatch.setattr(cli, "main", lambda: cli.EXIT_FAULT)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("peft_cp_merge", run_name="__main__")
+    assert exit_info.value.code == cli.EXIT_FAULT
 
 
 @pytest.mark.cuda

@@ -14,9 +14,9 @@ import threading
 
 import pytest
 import torch
-from _cli_fixtures import save_peft_adapter, tiny_base, write_adapter
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from testing_utils import save_peft_adapter, tiny_base, write_adapter
 
 from peft_cp_merge import __version__
 from peft_cp_merge.cli import main

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import random_stack
+from testing_utils import random_stack
 
 from peft_cp_merge.engine.compression import LoraCore, LoraStack, compress, lift
 
@@ -29,6 +29,29 @@ def test_bases_are_orthonormal_and_norms_are_kept():
         stack.to_dense().square().sum((1, 2, 3)),
     )
     assert torch.allclose(core_sq, dense_sq, rtol=1e-12)
+
+
+def test_nearly_collinear_float32_adapters_still_get_orthonormal_bases():
+    # Adapter 2 is adapter 1 plus 1 % noise: the equilibrated float32 Gram is positive definite (its
+    # Cholesky succeeds) but ill conditioned, and a basis from it is orthonormal only to ~5e-3. The
+    # guard on the Cholesky pivots sends it to the float64 eigendecomposition instead.
+    gen = torch.Generator().manual_seed(0)
+    lora_A = torch.randn(1, 4, 48, generator=gen)
+    lora_B = torch.randn(1, 64, 4, generator=gen)
+    stack = LoraStack(
+        [lora_A, lora_A + 1e-2 * torch.randn(1, 4, 48, generator=gen)],
+        [lora_B, lora_B + 1e-2 * torch.randn(1, 64, 4, generator=gen)],
+        [1.0, 0.5],
+    )
+    compressed = compress(stack)
+    eye = torch.eye(8, dtype=torch.float64)
+    for cat, basis in ((stack.cat_B(), compressed.basis_B), (stack.cat_A().mT, compressed.basis_A)):
+        q = cat.double() @ basis
+        assert (q.mT @ q - eye).abs().max() < 1e-4
+    assert compressed.rank_B.tolist() == compressed.rank_A.tolist() == [8]
+    exact = LoraStack([a.double() for a in stack.lora_A], [b.double() for b in stack.lora_B], stack.scales)
+    dense = exact.to_dense()
+    assert torch.allclose(_dense_from_core(exact, compressed), dense, atol=1e-6 * dense.abs().max())
 
 
 def test_shared_directions_give_a_rank_deficient_basis_and_stay_exact():

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import planted_cp, random_stack
+from testing_utils import planted_cp, random_stack
 
 from peft_cp_merge import cp_als
 from peft_cp_merge.engine import starts as cp_init

@@ -14,15 +14,16 @@ pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
 import torch
-from conftest_library import planted_examples, planted_texts, save_tiny_encoder, save_tiny_llama
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
+from testing_utils import planted_examples, planted_texts, save_tiny_encoder, save_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from peft_cp_merge.library import (
     ClusteringOptions,
     TrainingOptions,
     build_library,
+    library_merge_inputs,
     library_weights,
     load_library,
     merge_library,
@@ -224,13 +225,25 @@ def test_library_weights():
         library_weights([30, 10], [1.0])
 
 
-def test_merge_library_is_the_size_weighted_sum_at_full_rank(built, tmp_path):
+@pytest.mark.parametrize(
+    "weights", [None, "size", "uniform", [0.5, -1.0, 2.0]], ids=["default", "size", "uniform", "explicit"]
+)
+def test_merge_library_is_the_weighted_sum_at_full_rank(built, tmp_path, weights):
     pytest.importorskip("peft_cp_merge.folders.merging")
     sizes = built.manifest.sizes
+    assert len(set(sizes)) == 3  # unequal clusters: "size" and "uniform" give different weights
+    if weights in (None, "size"):  # the default is cluster-size proportional
+        expected_weights = [size / sum(sizes) for size in sizes]
+    elif weights == "uniform":
+        expected_weights = [1 / 3] * 3
+    else:
+        expected_weights = weights
+    kwargs = {} if weights is None else {"weights": weights}
+    assert list(library_merge_inputs(built.path, **kwargs).weights) == pytest.approx(expected_weights)
     rank = 3 * 4  # the sum of the adapters' ranks: the CP fit is exact
-    result = merge_library(built.path, tmp_path / "merged", rank=rank, progress=False)
+    result = merge_library(built.path, tmp_path / "merged", rank=rank, progress=False, **kwargs)
     merged = lora_deltas(result.out_dir, scaling=1.0)  # merged adapters have r = lora_alpha
     inputs = [lora_deltas(folder, scaling=8 / 4) for folder in built.adapter_dirs]
     for module, delta in merged.items():
-        expected = sum(size / sum(sizes) * deltas[module] for size, deltas in zip(sizes, inputs, strict=True))
+        expected = sum(w * deltas[module] for w, deltas in zip(expected_weights, inputs, strict=True))
         assert torch.linalg.norm(delta - expected) <= 1e-4 * torch.linalg.norm(expected)

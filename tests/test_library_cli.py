@@ -12,7 +12,7 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
-from conftest_library import planted_examples, save_tiny_encoder, save_tiny_llama
+from testing_utils import planted_examples, save_tiny_encoder, save_tiny_llama
 
 from peft_cp_merge.cli import main
 from peft_cp_merge.library import load_library
@@ -78,6 +78,19 @@ def test_build_library_then_merge_it(assets, tmp_path, capsys):
     assert main(["merge", "--library", str(library_dir), "--out", str(merged), "--no-progress"]) == 0
     assert "rank 8" in capsys.readouterr().out  # the default cp rank: min(2 max r, sum r) = 8
     assert (merged / "adapter_model.safetensors").is_file()
+    sizes = library.manifest.sizes
+    assert len(set(sizes)) > 1  # unequal clusters: size weights are not uniform
+    assert merge_weights(merged) == pytest.approx([size / sum(sizes) for size in sizes])
+
+    explicit = tmp_path / "explicit"
+    args = ["merge", "--library", str(library_dir), "--weights", "1", "0.5", "-2"]
+    assert main([*args, "--out", str(explicit), "--no-progress"]) == 0
+    assert merge_weights(explicit) == [1.0, 0.5, -2.0]
+
+
+def merge_weights(folder):
+    """The weight of every input, as merge_info.json records it."""
+    return [item["weight"] for item in json.loads((folder / "merge_info.json").read_text())["inputs"]]
 
 
 @pytest.mark.parametrize(

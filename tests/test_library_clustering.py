@@ -8,9 +8,10 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("sentence_transformers")
 
-from conftest_library import planted_texts, save_tiny_encoder
+from testing_utils import planted_texts, save_tiny_encoder
 
 from peft_cp_merge.library import cluster_embeddings, embed_texts
+from peft_cp_merge.library.clustering import _merge_small_clusters
 
 pytestmark = pytest.mark.library
 
@@ -74,6 +75,24 @@ def test_small_cluster_is_merged_into_nearest_with_warning():
     assert result.k_fitted == 3
     assert sorted(result.sizes) == [30, 34]
     assert same_partition(np.where(truth == 2, 0, truth), result.labels)
+    # The merged centroid is the size-weighted mean (30 and 4 points), i.e. the mean of all 34 points.
+    merged = result.labels[truth == 2][0]
+    np.testing.assert_allclose(result.centroids[merged], points[truth != 1].mean(axis=0), atol=1e-5)
+
+
+def test_small_clusters_merge_smallest_first_and_sizes_add_up():
+    # Fitted clusters on a line, as (index: size at x): 0: 4 at 18, 1: 3 at 10, 2: 30 at 0, 3: 30 at 25.
+    # Smallest first, cluster 1 goes into its nearest, 0 (8 away; 2 is 10 away); 0 then has 7 >= 5
+    # examples and stays. Taking the lowest index first would send 0 into 3 (7 away) instead, and
+    # forgetting that 0 grew would merge it again.
+    sizes, xs = [4, 3, 30, 30], [18.0, 10.0, 0.0, 25.0]
+    labels = np.repeat(np.arange(4), sizes)
+    centroids = np.array([[x, 0.0] for x in xs])
+    with pytest.warns(UserWarning, match=r"Merged 1 cluster\(s\) .*\(1, 0\).*; 3 clusters remain"):
+        new_labels, new_centroids, merged = _merge_small_clusters(labels, centroids, min_size=5)
+    assert merged == ((1, 0),)
+    np.testing.assert_array_equal(new_labels, np.repeat([0, 0, 1, 2], sizes))
+    np.testing.assert_allclose(new_centroids, [[(4 * 18 + 3 * 10) / 7, 0.0], [0.0, 0.0], [25.0, 0.0]])
 
 
 def test_same_seed_reproduces_bit_for_bit():

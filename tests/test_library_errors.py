@@ -13,8 +13,8 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
-from conftest_library import planted_examples, save_tiny_llama
 from peft import LoraConfig
+from testing_utils import planted_examples, save_tiny_llama
 
 from peft_cp_merge.cli import EXIT_USAGE, main
 from peft_cp_merge.library import ClusteringOptions, TrainingOptions, build_library

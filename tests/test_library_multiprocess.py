@@ -21,8 +21,8 @@ pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
 import torch
-from conftest_library import planted_examples, save_tiny_encoder, save_tiny_llama
 from safetensors.torch import load_file
+from testing_utils import planted_examples, save_tiny_encoder, save_tiny_llama
 
 pytestmark = [pytest.mark.library, pytest.mark.slow]
 

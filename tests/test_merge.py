@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import random_stack
+from testing_utils import random_stack
 
 from peft_cp_merge.engine.compression import LoraStack
 from peft_cp_merge.methods.cp import CPOptions, aggregate_loadings, default_rank, merge_modules
@@ -104,6 +104,23 @@ def test_disjoint_drops_loadings_against_the_elected_sign():
         weights, loadings, torch.tensor([[1.0, 1.0]], dtype=torch.float64), "weighted"
     )
     assert torch.allclose(weighted, torch.tensor([[0.4]], dtype=torch.float64))
+
+
+def test_disjoint_drops_contributions_below_a_tenth_of_the_largest():
+    # Contributions w_i * C[i, r] (not the loadings alone) are compared with 10 % of the largest one:
+    # a known answer per component, with values below, above and exactly at the threshold.
+    lambdas = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    merge_weights = torch.tensor([[2.0, 1.0, 0.5]], dtype=torch.float64)
+    loadings = torch.tensor(
+        [[[0.5, -0.5, 0.2], [0.5, -0.11, 1.0], [0.18, -0.1, 0.2]]], dtype=torch.float64
+    )  # contributions: [1.0, 0.5, 0.09], [-1.0, -0.11, -0.05], [0.4, 1.0, 0.1]
+    gains = aggregate_loadings(lambdas, loadings, merge_weights, "disjoint")
+    expected = [
+        1.0 * (1.0 + 0.5) / 2,  # 0.09 < 0.1 dropped (its loading 0.18 alone would pass)
+        2.0 * (-1.0 - 0.11) / 2,  # 0.11 kept, 0.05 dropped
+        3.0 * (0.4 + 1.0 + 0.1) / 3,  # "at least" 10 %: exactly 0.1 is kept
+    ]
+    assert gains[0].tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_modules_of_different_core_shapes_are_batched_separately_with_the_same_result():

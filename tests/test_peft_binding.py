@@ -122,15 +122,29 @@ def test_full_rank_cp_gives_the_same_outputs_as_peft_cat(tiny_net, ids):
     assert (cp - cat).abs().max() <= 1e-5 * cat.abs().max()
 
 
-def test_rslora_inputs_are_scaled_correctly_where_peft_cat_is_not(tiny_net):
-    # PEFT copies use_rslora into the merged config (issue #3761): its "cat" is off by sqrt(r).
+def test_rslora_inputs_are_scaled_correctly(tiny_net):
+    # The merged adapter folds every input's scaling (rsLoRA's alpha / sqrt(r) included) into its
+    # factors and is written without use_rslora, so its own scaling is alpha / r = 1.
     model = _peft(tiny_net, CASES["rslora"])
-    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "cat", combination_type="cat")
     model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "cp", combination_type="cp", cp_rank=6)
     assert model.peft_config["cp"].use_rslora is False
     _assert_delta_is_weighted_sum(model, ["a", "b"], [1.0, 1.0], "cp")
-    with pytest.raises(AssertionError):
-        _assert_delta_is_weighted_sum(model, ["a", "b"], [1.0, 1.0], "cat")
+
+
+PEFT_3761 = "https://github.com/huggingface/peft/issues/3761"
+
+
+@pytest.mark.xfail(
+    strict=False,
+    raises=AssertionError,
+    reason=f"PEFT #3761: cat copies use_rslora into the merged config, so its delta is off by sqrt(r) "
+    f"({PEFT_3761}); passes once PEFT fixes it",
+)
+def test_peft_cat_scales_rslora_inputs_correctly(tiny_net):
+    # Not our code: PEFT's own "cat" should give the weighted sum of rsLoRA deltas too.
+    model = _peft(tiny_net, CASES["rslora"])
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "cat", combination_type="cat")
+    _assert_delta_is_weighted_sum(model, ["a", "b"], [1.0, 1.0], "cat")
 
 
 def test_gpt2_conv1d_fan_in_fan_out():

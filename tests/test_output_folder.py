@@ -139,3 +139,19 @@ def test_new_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "library.json"
+    output_folder.atomic_write_text(path, "old")
+    output_folder.atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output_folder.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        output_folder.atomic_write_text(path, "half")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["library.json"]  # no temporary file left

@@ -13,12 +13,15 @@ The layers, each importing only the ones before it (``docs/design.md`` has the m
   :func:`merge_modules` and :class:`CPOptions` for ``"cp"``);
 - :mod:`.input_checks` and :mod:`.peft_binding`: ``add_weighted_adapter(..., combination_type="cp")``;
   :func:`add_cp_weighted_adapter` is the same merge without patching PEFT;
+- :mod:`.calibration`: :func:`calibrate` learns each component's gain of a "cp" adapter from a few
+  examples (base model and CP factors frozen) and bakes it into ``lora_A``;
 - :mod:`.folders`: adapter folders read, planned, merged and written without a base model;
 - :mod:`.analysis`: where adapters interfere; :mod:`.library`: clustered adapter libraries;
 - :mod:`.cli`: the ``peft-cp-merge`` command line.
 """
 
 from ._version import __version__
+from .calibration import CalibrationReport, calibrate
 from .engine.als import CPResult, cp_als
 from .engine.compression import LoraCore, LoraStack, compress
 from .methods import METHODS, CPOptions, MergedLora, get_method, merge_modules
@@ -31,11 +34,13 @@ __all__ = [
     "CPMergeReport",
     "CPOptions",
     "CPResult",
+    "CalibrationReport",
     "LoraCore",
     "LoraStack",
     "MergedLora",
     "__version__",
     "add_cp_weighted_adapter",
+    "calibrate",
     "compress",
     "cp_als",
     "get_method",

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,9 @@ class CPMergeReport:
         fit_error: Module name -> relative error of the CP fit of that module's stacked deltas.
         n_iter: Module name -> CP-ALS sweeps run.
         not_converged: Modules whose CP-ALS stopped at ``n_iter_max`` before meeting ``tol``.
-        seconds: Wall time of the merge.
+        seconds: Wall time of the merge (and calibration).
+        calibration: What :func:`~peft_cp_merge.calibration.calibrate` did when ``calibration``
+            examples were given, else ``None``.
     """
 
     adapter_name: str
@@ -61,6 +63,7 @@ class CPMergeReport:
     n_iter: dict[str, int]
     not_converged: tuple[str, ...]
     seconds: float
+    calibration: object = None
 
 
 def _lora_model(model) -> LoraModel:
@@ -181,6 +184,7 @@ def add_cp_weighted_adapter(
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    calibration: Iterable | None = None,
 ) -> CPMergeReport:
     """Add a new adapter that merges ``adapters`` by a joint CP decomposition of their deltas.
 
@@ -206,6 +210,10 @@ def add_cp_weighted_adapter(
         seed: Seed of every random number used.
         device: Where to compute (default: where the first adapter's weights are).
         progress: Progress bars: ``None`` shows them on a terminal only.
+        calibration: Optional examples (dicts with ``input_ids``, ``attention_mask``, ``labels``, or a
+            ``DataLoader`` of such batches): after the merge, :func:`~peft_cp_merge.calibrate` learns
+            each component's gain on them with its defaults (call it yourself for other settings).
+            A calibration failure removes the new adapter again.
 
     Returns:
         A :class:`CPMergeReport`.
@@ -259,6 +267,15 @@ def add_cp_weighted_adapter(
             f"converging (e.g. {not_converged[0]!r}); their CP fit may improve with a larger n_iter_max",
             stacklevel=2,
         )
+    calibration_report = None
+    if calibration is not None:
+        from .calibration import calibrate  # calibration builds on this module
+
+        try:
+            calibration_report = calibrate(model, adapter_name, calibration, progress=progress)
+        except BaseException:
+            _remove_adapter(lora_model, adapter_name)
+            raise
     return CPMergeReport(
         adapter_name=adapter_name,
         rank=rank,
@@ -267,6 +284,7 @@ def add_cp_weighted_adapter(
         n_iter={key: m.n_iter for key, m in merged.items()},
         not_converged=not_converged,
         seconds=time.perf_counter() - start,
+        calibration=calibration_report,
     )
 
 
@@ -280,7 +298,7 @@ def _remove_adapter(lora_model: LoraModel, adapter_name: str) -> None:
     lora_model.peft_config.pop(adapter_name, None)
 
 
-_CP_OPTIONS = ("rank", *(f.name for f in dataclasses.fields(CPOptions)), "device", "progress")
+_CP_OPTIONS = ("rank", *(f.name for f in dataclasses.fields(CPOptions)), "device", "progress", "calibration")
 # PEFT options that are left at their defaults when combination_type="cp".
 _PEFT_DEFAULTS = {
     "svd_rank": None,

@@ -245,3 +245,26 @@ def test_a_non_finite_first_loss_is_refused_before_any_update(model_and_examples
     finally:
         with torch.no_grad():
             lm_head[5, 0] = original
+
+
+def test_add_weighted_adapter_calibrates_when_given_examples():
+    model = _model()
+    examples = _examples(model)
+    static = _lora(model, "merged", "lora_A")
+    report = model.add_weighted_adapter(
+        ["task_a", "task_b"], [0.5, 0.5], "calibrated", combination_type="cp", cp_calibration=examples
+    )
+    assert isinstance(report.calibration, CalibrationReport)
+    assert report.calibration.adapter_name == "calibrated"
+    calibrated = _lora(model, "calibrated", "lora_A")
+    assert any(not torch.equal(calibrated[k], static[k]) for k in static)  # the gains moved
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_a_failed_calibration_in_add_weighted_adapter_leaves_no_adapter():
+    model = _model()
+    with pytest.raises(ValueError, match="examples is empty"):
+        model.add_weighted_adapter(
+            ["task_a", "task_b"], [0.5, 0.5], "calibrated", combination_type="cp", cp_calibration=[]
+        )
+    assert "calibrated" not in model.peft_config

@@ -1,0 +1,100 @@
+"""Side-by-side timing of engine variants (init, proposed patch) on the real adapters and on the
+Mistral-shaped synthetic set; alternating, medians, fit / rel_error / caps per variant.
+
+    python benchmarks/real_adapters_variants.py --repeats 3 --threads 1 2
+    python benchmarks/real_adapters_variants.py --set mistral --layers 8 --repeats 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import real_adapters as ra  # noqa: E402
+
+
+def _merge(merge_modules, stacks, weights, init):
+    """merge_modules with an init, before (init=) and after (options=CPOptions) the restructuring."""
+    try:
+        from peft_cp_merge.methods import CPOptions
+    except ImportError:
+        return merge_modules(stacks, weights, rank=16, init=init)
+    return merge_modules(stacks, weights, rank=16, options=CPOptions(init=init))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--set", default="real", choices=["real", "mistral"])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=["gevd", "svd", "gevd+patch", "svd+patch", "svd_r8_baseline"])
+    p.add_argument("--out", type=Path, default=HERE / "results" / "real_adapters_variants.json")
+    args = p.parse_args()
+    if args.set == "real":
+        stacks = ra.load_stacks(ra.DEFAULT_FOLDERS)
+    else:
+        import speed
+
+        stacks = speed._mistral_stacks(args.layers, 10, 16, "cpu")
+    from peft_cp_merge import merge_modules
+
+    import proposed_patch as pp
+
+    weights = {n: [1.0] * s.shape[3] for n, s in stacks.items()}
+    last = {}
+
+    def variant(name):
+        if name == "svd_r8_baseline":
+            return lambda: ra.run_svd(stacks, 8)
+        init, patched = name.split("+")[0], name.endswith("+patch")
+
+        def run():
+            pp.als._run_als = pp.run_als if patched else pp.ORIGINAL_RUN_ALS
+            try:
+                last[name] = _merge(merge_modules, stacks, weights, init)
+            finally:
+                pp.als._run_als = pp.ORIGINAL_RUN_ALS
+
+        return run
+
+    fns = {v: variant(v) for v in args.variants}
+    for fn in fns.values():
+        fn()
+    pairs = [(v, t) for t in args.threads for v in fns]
+    runs = {f"{v}@{t}": [] for v, t in pairs}
+    for rep in range(args.repeats):
+        s = rep % len(pairs)
+        for v, t in pairs[s:] + pairs[:s]:
+            torch.set_num_threads(t)
+            t0 = time.perf_counter()
+            fns[v]()
+            runs[f"{v}@{t}"].append(time.perf_counter() - t0)
+    out = {"set": args.set, "environment": ra.environment(args.threads), "timing": {}, "quality": {}}
+    for k, v in runs.items():
+        out["timing"][k] = {"median_s": statistics.median(v), "spread": max(v) / min(v), "runs_s": v}
+    for name, merged in last.items():
+        m = list(merged.values())
+        out["quality"][name] = {
+            "fit_error_median": statistics.median(x.fit_error for x in m),
+            "fit_error_mean": statistics.mean(x.fit_error for x in m),
+            "rel_error_median": statistics.median(x.rel_error for x in m),
+            "rel_error_mean": statistics.mean(x.rel_error for x in m),
+            "hit_n_iter_max": sum(not x.converged for x in m),
+            "n_iter_sum": sum(x.n_iter for x in m),
+            "n_iter_max": max(x.n_iter for x in m),
+        }
+    print(json.dumps(out["timing"] | {"q": out["quality"]}, indent=0))
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -152,7 +152,12 @@ def _run_als(form, factors, *, n_iter_max: int, tol: float, l2: float, progress)
             n_iter[index] = iteration
             converged[index] = done[finished]
             keep = ~finished
-            active, form, norm_sq, prev_error = active[keep], form.select(keep), norm_sq[keep], prev_error[keep]
+            active, form, norm_sq, prev_error = (
+                active[keep],
+                form.select(keep),
+                norm_sq[keep],
+                prev_error[keep],
+            )
             acc_pow, acc_fail = acc_pow[keep], acc_fail[keep]
             weights, state, grams = weights[keep], [f[keep] for f in state], [g[keep] for g in grams]
             projections = [None if p is None else p[keep] for p in projections]

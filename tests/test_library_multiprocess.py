@@ -48,6 +48,10 @@ build_library(
     training=TrainingOptions(max_steps=2, batch_size=4),
     progress=False,
 )
+# A script that owns the launch ends the process group: left to interpreter exit, gloo's threads can
+# abort a rank ("terminate called without an active exception") after all the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 

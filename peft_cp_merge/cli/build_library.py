@@ -104,9 +104,21 @@ def run_build_library(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
+    _end_process_group()
     manifest = library.manifest
     scores = ", ".join(f"K={k}: {s:.3f}" for k, s in manifest.k_scores if s is not None)
     print(f"Wrote {library.path}: {manifest.k} clusters of sizes {list(manifest.sizes)}")
     if scores:
         print(f"Silhouette by K: {scores}")
     return 0
+
+
+def _end_process_group() -> None:
+    """The command owns its launch: end the process group (under ``accelerate launch``) before exit.
+
+    Left to interpreter exit, gloo's threads can abort a rank after all the work is done.
+    """
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -39,7 +39,7 @@ from ..folders.plan import plan_merge
 from ..folders.reading import CONFIG_NAME, WEIGHTS_NAME
 from ..input_checks import check_device
 from ..methods import METHODS, get_method
-from .arguments import add_common, add_method_options, finite, method_options, positive_int
+from .arguments import add_common, add_method_options, finite, method_options, positive, positive_int
 from .build_library import add_build_library_parser, run_build_library
 
 __all__ = [
@@ -116,6 +116,22 @@ def _add_merge_parser(subparsers) -> None:
         help="check the inputs (configs, shapes, every value for NaN/Inf), the rank and OUT_DIR, print "
         "what would be merged, write nothing",
     )
+    calibration = parser.add_argument_group(
+        "calibration (cp only; needs the base model and the [library] extra)",
+        "learn each CP component's gain from a few examples after the merge (peft_cp_merge.calibrate)",
+    )
+    calibration.add_argument("--calibration", metavar="FILE", help="examples, .jsonl or .csv")
+    calibration.add_argument("--base-model", metavar="PATH", help="the adapters' base model folder or name")
+    calibration.add_argument("--instruction-field", default="instruction", help="(default: instruction)")
+    calibration.add_argument("--response-field", default="response", help="(default: response)")
+    calibration.add_argument(
+        "--prompt-template", default="{instruction}\n", help="as for training (default: '{instruction}\\n')"
+    )
+    calibration.add_argument("--max-length", type=positive_int, default=512, help="tokens per example (512)")
+    calibration.add_argument(
+        "--calibration-steps", type=positive_int, default=40, help="optimizer steps (40)"
+    )
+    calibration.add_argument("--calibration-lr", type=positive, default=5e-2, help="learning rate (0.05)")
     add_method_options(parser)
     add_common(parser)
     parser.set_defaults(run=run_merge)
@@ -188,6 +204,7 @@ def run_merge(args: argparse.Namespace) -> int:
         raise ValueError("Give ADAPTER_DIR arguments with --weights, or --library")
     device = check_device(args.device)
     options = get_method(args.method).make_options(method_options(args))
+    calibration_examples = _calibration_examples(args)
     if args.dry_run:
         check_output_dir(args.out, args.adapters, overwrite=args.overwrite)
         plan = plan_merge(
@@ -220,7 +237,41 @@ def run_merge(args: argparse.Namespace) -> int:
         f"{len(result.plan.modules)} modules in {result.seconds:.1f} s; distance to the weighted sum "
         f"(relative) mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}"
     )
+    if calibration_examples is not None:
+        from ..library.calibrating import calibrate_adapter_folder
+
+        report = calibrate_adapter_folder(
+            result.out_dir,
+            calibration_examples,
+            base_model=args.base_model,
+            prompt_template=args.prompt_template,
+            max_length=args.max_length,
+            steps=args.calibration_steps,
+            lr=args.calibration_lr,
+            seed=getattr(args, "seed", None) or 0,
+            progress=not args.no_progress,
+        )
+        print(
+            f"Calibrated on {len(calibration_examples)} examples in {report.seconds:.1f} s: held-out loss "
+            f"{report.holdout_loss_before} -> {report.holdout_loss_after}, gains {report.gain_min:.3g} .. "
+            f"{report.gain_max:.3g}"
+        )
     return 0
+
+
+def _calibration_examples(args: argparse.Namespace):
+    """The calibration examples, read and checked before any merge work (``None`` without them)."""
+    if args.calibration is None:
+        if args.base_model is not None:
+            raise ValueError("--base-model is only used with --calibration FILE")
+        return None
+    from ..library.calibrating import check_calibration_inputs
+    from ..library.data import load_examples
+
+    check_calibration_inputs(args.base_model, args.method)
+    return load_examples(
+        args.calibration, instruction_field=args.instruction_field, response_field=args.response_field
+    )
 
 
 def run_analyze(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import Example
 
-__all__ = ["MIXED_PRECISION", "LoraTrainer", "TrainingOptions", "TrainingStats"]
+__all__ = ["MIXED_PRECISION", "LoraTrainer", "TrainingOptions", "TrainingStats", "encode_example"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,13 +202,12 @@ class LoraTrainer:
 
     def _encode(self, example: Example) -> tuple[list[int], list[int]]:
         """Token ids and labels (prompt masked with IGNORE_INDEX), cut at ``max_length``."""
-        prompt = self.options.prompt_template.format(instruction=example.instruction)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        response_ids = self.tokenizer(example.response, add_special_tokens=False)["input_ids"]
-        if self.tokenizer.eos_token_id is not None:
-            response_ids = [*response_ids, self.tokenizer.eos_token_id]
-        limit = self.options.max_length
-        return (prompt_ids + response_ids)[:limit], ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:limit]
+        return encode_example(
+            example,
+            self.tokenizer,
+            prompt_template=self.options.prompt_template,
+            max_length=self.options.max_length,
+        )
 
     def _batches(self, features: list[tuple[list[int], list[int]]], device: torch.device) -> Iterator[dict]:
         """Endless right-padded batches, reshuffled every epoch from torch's global generator."""
@@ -233,3 +232,27 @@ class LoraTrainer:
                     "attention_mask": attention_mask.to(device),
                     "labels": labels.to(device),
                 }
+
+
+def encode_example(
+    example: Example, tokenizer: Any, *, prompt_template: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example, as the adapters are trained on it.
+
+    The prompt is ``prompt_template.format(instruction=...)`` with the tokenizer's special tokens;
+    the response follows, closed by the EOS token; labels mask the prompt with ``IGNORE_INDEX``
+    (-100), so the loss is on the response only. Both are cut at ``max_length``.
+
+    Example:
+        >>> ids, labels = encode_example(  # doctest: +SKIP
+        ...     Example("Add 3 and 4.", "7"), tokenizer, prompt_template="{instruction}\\n", max_length=64
+        ... )
+    """
+    prompt = prompt_template.format(instruction=example.instruction)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    return (prompt_ids + response_ids)[:max_length], ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[
+        :max_length
+    ]

@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import _freeze_adapter
 from torch import Tensor
 
+from .engine.als import check_rank
 from .engine.compression import LoraStack
 from .input_checks import (
     check_device,
@@ -237,8 +238,8 @@ def add_cp_weighted_adapter(
     lora_model = _lora_model(model)
     weights = _validate(lora_model, adapters, weights, adapter_name)
     options = CPOptions(aggregation=aggregation, init=init, n_iter_max=n_iter_max, tol=tol, l2=l2, seed=seed)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if rank is not None:
+        check_rank(rank)
     device = check_device(device)
     stacks, module_weights, layers = _collect_stacks(lora_model, adapters, weights)
     if rank is None:

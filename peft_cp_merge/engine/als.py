@@ -23,7 +23,7 @@ from .compression import CompressedLora, LoraCore, LoraStack, compress, lift
 from .operators import EXACT_ERROR_BELOW, DenseForm, Factors, KruskalCoreForm, factor_grams
 from .starts import INITS, initialize
 
-__all__ = ["CPResult", "canonicalize", "check_options", "cp_als"]
+__all__ = ["CPResult", "canonicalize", "check_options", "check_rank", "cp_als"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,12 @@ def _condition(factors: Factors) -> Tensor:
     return torch.stack(conds).amax(dim=0)
 
 
+def check_rank(rank: int) -> None:
+    """Raise a ``ValueError`` unless ``rank`` is an integer >= 1 (``bool`` is not an integer here)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+
+
 def check_options(
     rank: int, init: str, n_iter_max: int, tol: float, l2: float, seed: int, dtype=torch.float64
 ) -> None:
@@ -118,8 +124,7 @@ def check_options(
     def is_int(x):
         return isinstance(x, int) and not isinstance(x, bool)
 
-    if not is_int(rank) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    check_rank(rank)
     if init not in INITS:
         raise ValueError(f"Unknown init {init!r}; expected one of {sorted(INITS)}")
     if not is_int(n_iter_max) or n_iter_max < 1:

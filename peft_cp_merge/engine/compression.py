@@ -93,6 +93,12 @@ class LoraStack:
         """``(batch, d_out, d_in, N)`` of the (never formed) dense tensor."""
         return (self.lora_A[0].shape[0], self.lora_B[0].shape[1], self.lora_A[0].shape[2], len(self.lora_A))
 
+    def to(self, device: torch.device | str) -> LoraStack:
+        """The same stack with every tensor on ``device`` (scales included)."""
+        return LoraStack(
+            [a.to(device) for a in self.lora_A], [b.to(device) for b in self.lora_B], self.scales.to(device)
+        )
+
     def cat_B(self) -> Tensor:
         """``Bcat``: ``(batch, d_out, M)``."""
         return torch.cat(self.lora_B, dim=2)

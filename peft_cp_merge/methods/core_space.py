@@ -141,7 +141,7 @@ def per_module(merge_one: Callable[..., MergedLora], *, takes_rank: bool = True)
         out = {}
         for name, stack in stacks.items():
             home = stack.lora_A[0].device
-            work = stack if device is None else _stack_to(stack, device)
+            work = stack if device is None else stack.to(device)
             merged = (
                 merge_one(work, weights[name], rank=rank) if takes_rank else merge_one(work, weights[name])
             )
@@ -155,9 +155,3 @@ def per_module(merge_one: Callable[..., MergedLora], *, takes_rank: bool = True)
         return out
 
     return merge
-
-
-def _stack_to(stack: LoraStack, device: torch.device | str) -> LoraStack:
-    return LoraStack(
-        [a.to(device) for a in stack.lora_A], [b.to(device) for b in stack.lora_B], stack.scales.to(device)
-    )

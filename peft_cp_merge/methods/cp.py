@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..engine.als import CPResult, canonicalize, check_options, cp_als
+from ..engine.als import CPResult, canonicalize, check_options, check_rank, cp_als
 from ..engine.compression import CompressedLora, LoraCore, LoraStack, compress_many, lift
 from ..engine.starts import INITS
 from .base import MergedLora, MergeMethod, pad_rank, stack_weights, weighted_sum_error
@@ -181,8 +181,7 @@ def merge_modules(
         torch.Size([8, 30])
     """
     options = METHOD.make_options(options)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    check_rank(rank)
     merge_weights = stack_weights(stacks, weights)
     aggregation = options.aggregation
 
@@ -200,7 +199,7 @@ def merge_modules(
         for start in range(0, len(names), _chunk_size(sum(ranks), max_core_bytes))
     ]
     for ranks, names in chunks:
-        group = [stacks[n] if device is None else _stack_to(stacks[n], device) for n in names]
+        group = [stacks[n] if device is None else stacks[n].to(device) for n in names]
         compressed = compress_many(group)
         effective_rank = min(rank, sum(ranks))
         logger.info(
@@ -244,12 +243,6 @@ def merge_modules(
 def _chunk_size(m: int, max_core_bytes: int) -> int:
     """Modules per batched CP-ALS call: float64 cores take about 4 M^2 doubles per module."""
     return max(1, max_core_bytes // (4 * m * m * 8))
-
-
-def _stack_to(stack: LoraStack, device: torch.device | str) -> LoraStack:
-    return LoraStack(
-        [a.to(device) for a in stack.lora_A], [b.to(device) for b in stack.lora_B], stack.scales.to(device)
-    )
 
 
 def _lift_module(

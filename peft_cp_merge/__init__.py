@@ -15,6 +15,8 @@ The layers, each importing only the ones before it (``docs/design.md`` has the m
   :func:`add_cp_weighted_adapter` is the same merge without patching PEFT;
 - :mod:`.calibration`: :func:`calibrate` learns each component's gain of a "cp" adapter from a few
   examples (base model and CP factors frozen) and bakes it into ``lora_A``;
+- :mod:`.osrm`: :func:`osrm_init` starts a new adapter's ``lora_A`` where the other tasks' inputs
+  have the least energy (OSRM), so that it interferes less once merged;
 - :mod:`.folders`: adapter folders read, planned, merged and written without a base model;
 - :mod:`.analysis`: where adapters interfere; :mod:`.library`: clustered adapter libraries;
 - :mod:`.cli`: the ``peft-cp-merge`` command line.
@@ -25,6 +27,7 @@ from .calibration import CalibrationReport, calibrate
 from .engine.als import CPResult, cp_als
 from .engine.compression import LoraCore, LoraStack, compress
 from .methods import METHODS, CPOptions, MergedLora, get_method, merge_modules
+from .osrm import OSRMReport, osrm_init
 from .peft_binding import CPMergeReport, add_cp_weighted_adapter, is_registered, register, unregister
 
 register()
@@ -38,6 +41,7 @@ __all__ = [
     "LoraCore",
     "LoraStack",
     "MergedLora",
+    "OSRMReport",
     "__version__",
     "add_cp_weighted_adapter",
     "calibrate",
@@ -46,6 +50,7 @@ __all__ = [
     "get_method",
     "is_registered",
     "merge_modules",
+    "osrm_init",
     "register",
     "unregister",
 ]

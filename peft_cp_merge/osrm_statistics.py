@@ -1,0 +1,216 @@
+"""Input statistics of LoRA modules: streamed second moments ``sum h h^T`` of what reaches them.
+
+Used by :mod:`peft_cp_merge.osrm`. Forward pre-hooks on the LoRA modules see each module's input
+``h`` (batch, seq, d_in); the padding tokens are left out with the batch's ``attention_mask``. The
+sums are float64 (float32 above ``FLOAT64_MAX_DIM``, where ``d_in^2 * 8`` bytes per statistic would
+be too much) and are shared between modules that read the same input tensor (q/k/v, gate/up):
+a module reading the very tensor object the module hooked just before it read joins its group.
+All adapters are disabled meanwhile, so the statistics are the base model's (``docs/design.md`` §11).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["FLOAT64_MAX_DIM", "InputMoments", "collect_moments", "example_rows"]
+
+FLOAT64_MAX_DIM = 8192  # inputs wider than this are accumulated in float32 (d_in^2 * 8 bytes otherwise)
+
+
+@dataclass(frozen=True)
+class InputMoments:
+    """Uncentred second moments of the inputs of an adapter's LoRA modules.
+
+    Attributes:
+        groups: Module names, one tuple per input tensor (modules that read the same tensor share it).
+        sums: Per group, ``sum_t h_t h_t^T`` (d_in, d_in) over the tokens seen.
+        tokens: Per group, the number of tokens summed.
+        examples: Examples the sums are over.
+
+    Sums with counts subtract exactly: the moments of "every cluster but one" are
+    ``total.minus(own)`` (used by the library builder).
+    """
+
+    groups: tuple[tuple[str, ...], ...]
+    sums: tuple[Tensor, ...]
+    tokens: tuple[int, ...]
+    examples: int
+
+    def minus(self, other: InputMoments) -> InputMoments:
+        """The moments of the examples in ``self`` but not in ``other`` (``other`` a subset of them).
+
+        Raises:
+            ValueError: For other groups, or when nothing would be left.
+        """
+        if other.groups != self.groups:
+            raise ValueError(f"Cannot subtract moments of groups {other.groups} from {self.groups}")
+        tokens = tuple(a - b for a, b in zip(self.tokens, other.tokens, strict=True))
+        if min(tokens) < 1 or self.examples - other.examples < 1:
+            raise ValueError(f"Nothing is left after the subtraction: tokens {tokens}")
+        sums = tuple(a - b for a, b in zip(self.sums, other.sums, strict=True))
+        return InputMoments(self.groups, sums, tokens, self.examples - other.examples)
+
+
+def example_rows(examples, max_examples: int, vocab, max_length) -> list[tuple[Tensor, Tensor]]:
+    """``(input_ids, attention_mask)`` 1-D int64 CPU rows of the first ``max_examples`` examples."""
+    if isinstance(examples, Mapping | str | bytes) or not isinstance(examples, Iterable):
+        raise ValueError(
+            f"other_examples must be an iterable of dicts or a DataLoader, got {type(examples).__name__}"
+        )
+    is_loader = isinstance(examples, torch.utils.data.DataLoader)
+    rows: list[tuple[Tensor, Tensor]] = []
+    for index, item in enumerate(examples):
+        if len(rows) >= max_examples:
+            break
+        where = f"{'Batch' if is_loader else 'Example'} {index}"
+        if not isinstance(item, Mapping) or "input_ids" not in item:
+            raise ValueError(
+                f"{where} must be a dict with 'input_ids' (and 'attention_mask'), got {item!r:.80}"
+            )
+        ids = torch.as_tensor(item["input_ids"])
+        mask = torch.as_tensor(item["attention_mask"]) if "attention_mask" in item else torch.ones_like(ids)
+        ndim = 2 if is_loader else 1
+        if ids.ndim != ndim or ids.shape != mask.shape:
+            raise ValueError(f"{where}: input_ids and attention_mask must be {ndim}-D of one shape")
+        if any(v.is_floating_point() or v.is_complex() for v in (ids, mask)):
+            raise ValueError(f"{where}: input_ids and attention_mask must hold integers")
+        pairs = zip(ids, mask, strict=True) if is_loader else [(ids, mask)]
+        rows += [(i.to("cpu", torch.long), m.to("cpu", torch.long)) for i, m in pairs]
+    rows = rows[:max_examples]
+    if not rows:
+        raise ValueError("other_examples is empty: OSRM needs examples of the other tasks")
+    for i, (ids, mask) in enumerate(rows):
+        if ids.numel() == 0 or (max_length is not None and ids.numel() > max_length):
+            raise ValueError(f"Example {i} has {ids.numel()} tokens; the model takes 1 to {max_length}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"Example {i}: attention_mask must hold 0 and 1 only")
+        if bool((ids < 0).any()) or (vocab is not None and bool((ids >= vocab).any())):
+            raise ValueError(f"Example {i} has input_ids outside [0, {vocab})")
+    if not any(bool(mask.any()) for _, mask in rows):
+        raise ValueError("Every attention_mask of other_examples is 0: there is no token to learn from")
+    return rows
+
+
+def _batches(rows, batch_size: int, device) -> Iterator[tuple[Tensor, Tensor]]:
+    """Right-padded ``(input_ids, attention_mask)`` batches, rows sorted by length (less padding)."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i][0].numel())
+    for start in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[start : start + batch_size]]
+        length = max(ids.numel() for ids, _ in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length, dtype=torch.long)
+        for j, (row_ids, row_mask) in enumerate(chunk):
+            ids[j, : row_ids.numel()], mask[j, : row_ids.numel()] = row_ids, row_mask
+        yield ids.to(device), mask.to(device)
+
+
+@contextlib.contextmanager
+def _base_features(model) -> Iterator[None]:
+    """Eval mode and every adapter disabled (the base model's features); both restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    tuners = [(m, m._disable_adapters) for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    try:
+        model.eval()
+        for m, _ in tuners:
+            m._disable_adapters = True
+        yield
+    finally:
+        for m, flag in tuners:
+            m._disable_adapters = flag
+        for m, mode in modes:
+            m.training = mode
+
+
+class _MomentHooks:
+    """Forward pre-hooks accumulating ``sum h h^T`` per group of modules that read one input tensor.
+
+    A module joins the group of the module hooked just before it when it receives the very same tensor
+    object (q/k/v, gate/up); only the group's first module accumulates, the others check the identity.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.layers, self.mask, self.last = layers, None, None
+        self.group_of: dict[str, int] = {}
+        self.groups: list[list[str]] = []
+        self.sums: list[Tensor | None] = []
+        self.tokens: list[int] = []
+
+    def hook(self, name: str):
+        def pre_hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if name not in self.group_of:
+                if self.last is not None and x is self.last[0]:
+                    self.group_of[name] = self.last[1]
+                    self.groups[self.last[1]].append(name)
+                else:
+                    self.group_of[name] = len(self.groups)
+                    self.groups.append([name])
+                    self.sums.append(None)
+                    self.tokens.append(0)
+                    self._add(self.group_of[name], x)
+            elif self.groups[self.group_of[name]][0] == name:
+                self._add(self.group_of[name], x)
+            elif self.last is None or x is not self.last[0]:
+                raise RuntimeError(f"Module {name!r} no longer reads the input of its group; cannot share")
+            self.last = (x, self.group_of[name])
+
+        return pre_hook
+
+    def _add(self, group: int, x: Tensor) -> None:
+        mask = self.mask
+        if x.ndim == 3 and mask is not None and x.shape[:2] == mask.shape:
+            h = x[mask.bool()]
+        else:  # a layout without (batch, seq): every row counts
+            h = x.reshape(-1, x.shape[-1])
+        dtype = torch.float64 if h.shape[-1] <= FLOAT64_MAX_DIM else torch.float32
+        h = h.to(dtype)
+        if self.sums[group] is None:
+            self.sums[group] = torch.zeros(h.shape[-1], h.shape[-1], dtype=dtype, device=h.device)
+        self.sums[group].addmm_(h.T, h)
+        self.tokens[group] += h.shape[0]
+
+    @contextlib.contextmanager
+    def registered(self) -> Iterator[_MomentHooks]:
+        handles = [
+            m.register_forward_pre_hook(self.hook(n), with_kwargs=True) for n, m in self.layers.items()
+        ]
+        try:
+            yield self
+        finally:
+            self.last = None
+            for handle in handles:
+                handle.remove()
+
+
+def collect_moments(
+    model, layers: dict[str, nn.Module], rows, *, batch_size: int, device, progress: bool | None
+) -> InputMoments:
+    hooks = _MomentHooks(layers)
+    bar = tqdm(total=len(rows), desc="OSRM statistics", disable=None if progress is None else not progress)
+    with bar, _base_features(model), hooks.registered():
+        for ids, mask in _batches(rows, batch_size, device):
+            hooks.mask = mask
+            try:
+                model(input_ids=ids, attention_mask=mask)
+            except (IndexError, RuntimeError) as error:
+                raise ValueError(f"The model's forward pass failed on the examples: {error}") from error
+            hooks.last = None
+            bar.update(ids.shape[0])
+    unreached = [n for n in layers if n not in hooks.group_of or hooks.tokens[hooks.group_of[n]] == 0]
+    if unreached:
+        raise ValueError(
+            f"The examples never reach {len(unreached)} module(s) of the adapter, e.g. {unreached[:5]}: "
+            "OSRM needs their inputs"
+        )
+    for group, total in zip(hooks.groups, hooks.sums, strict=True):
+        if not bool(torch.isfinite(total).all()):
+            raise ValueError(f"Non-finite activations reach modules {group}; check the model and examples")
+    groups = tuple(tuple(g) for g in hooks.groups)
+    return InputMoments(groups, tuple(hooks.sums), tuple(hooks.tokens), len(rows))

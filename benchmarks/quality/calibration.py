@@ -103,8 +103,8 @@ def setting_name(args) -> str:
     return f"calibrated_k{args.k}_s{args.steps}_lr{args.lr:g}_l2{args.l2:g}_seed{args.seed}"
 
 
-def run_static(base, tok, data, items: int) -> None:
-    path = OUT / f"static.items{items}.test.json"
+def run_static(base, tok, data, items: int, out: Path = OUT) -> None:
+    path = out / f"static.items{items}.test.json"
     if path.exists():
         return
     peft_model, info = merged_model(base)
@@ -119,11 +119,11 @@ def run_static(base, tok, data, items: int) -> None:
     )
 
 
-def run_calibrated(base, tok, data, args) -> None:
+def run_calibrated(base, tok, data, args, out: Path = OUT, saved: Path = CALIBRATED) -> None:
     from peft_cp_merge import calibrate
 
     name = setting_name(args)
-    path = OUT / f"{name}.items{args.items}.test.json"
+    path = out / f"{name}.items{args.items}.test.json"
     if path.exists():
         return
     peft_model, info = merged_model(base)
@@ -144,7 +144,7 @@ def run_calibrated(base, tok, data, args) -> None:
     log.info(
         "calibration: %s", {k: v for k, v in dataclasses.asdict(report).items() if k != "module_gain_mean"}
     )
-    peft_model.save_pretrained(str(CALIBRATED / name), selected_adapters=[MERGED])
+    peft_model.save_pretrained(str(saved / name), selected_adapters=[MERGED])
     settings = {"k_per_task": args.k, "steps": args.steps, "lr": args.lr, "l2": args.l2, "seed": args.seed}
     settings |= {"batch_size": 8, "holdout": 0.25, "patience": 3, "examples": "first k of each train split"}
     cached_eval(
@@ -165,11 +165,11 @@ def run_calibrated(base, tok, data, args) -> None:
     )
 
 
-def run_individual(base, tok, data, items: int) -> None:
+def run_individual(base, tok, data, items: int, out: Path = OUT) -> None:
     """Re-evaluate each adapter on its own task (the same harness; compare with results/evals/reference)."""
     for task in TASKS:
         cached_eval(
-            OUT / f"individual_{task}.items{items}.test.json",
+            out / f"individual_{task}.items{items}.test.json",
             base,
             tok,
             {task: data[task]["test"][:items]},
@@ -190,16 +190,16 @@ def _gain_summary(calibration: dict) -> dict:
     return out
 
 
-def _individual(items: int) -> tuple[dict | None, str]:
+def _individual(items: int, out: Path = OUT) -> tuple[dict | None, str]:
     """Individual adapters' test results: re-evaluated here if present, else the reference JSONs."""
-    mine = [OUT / f"individual_{t}.items{items}.test.json" for t in TASKS]
+    mine = [out / f"individual_{t}.items{items}.test.json" for t in TASKS]
     if all(p.exists() for p in mine):
         results = [json.loads(p.read_text()) for p in mine]
         indiv = {
             "accuracy": {t: r["accuracy"][t] for t, r in zip(TASKS, results, strict=True)},
             "correct": {t: r["correct"][t] for t, r in zip(TASKS, results, strict=True)},
         }
-        return indiv, f"re-evaluated here ({OUT.relative_to(HERE)}/individual_*)"
+        return indiv, f"re-evaluated here ({out.relative_to(HERE)}/individual_*)"
     indiv = references()["test"]["individual"]
     if indiv is None:
         return None, "not available"

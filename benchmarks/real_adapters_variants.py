@@ -1,5 +1,10 @@
-"""Side-by-side timing of engine variants (init, proposed patch) on the real adapters and on the
+"""Side-by-side timing of engine variants (start, line search) on the real adapters and on the
 Mistral-shaped synthetic set; alternating, medians, fit / rel_error / caps per variant.
+
+Variants: ``gevd`` / ``svd`` (the start, with the default line search), ``gevd-plain`` /
+``svd-plain`` (``CPOptions(line_search=False)``: plain ALS), ``svd_r8_baseline`` (the core-space svd
+merge). In results written before the line search became the default (``git_head`` 14440e5),
+``gevd`` / ``svd`` were plain ALS and ``+patch`` meant the line search and single-threaded sweeps.
 
     python benchmarks/real_adapters_variants.py --repeats 3 --threads 1 2
     python benchmarks/real_adapters_variants.py --set mistral --layers 8 --repeats 3 --threads 1
@@ -21,15 +26,6 @@ sys.path.insert(0, str(HERE))
 import real_adapters as ra  # noqa: E402
 
 
-def _merge(merge_modules, stacks, weights, init):
-    """merge_modules with an init, before (init=) and after (options=CPOptions) the restructuring."""
-    try:
-        from peft_cp_merge.methods import CPOptions
-    except ImportError:
-        return merge_modules(stacks, weights, rank=16, init=init)
-    return merge_modules(stacks, weights, rank=16, options=CPOptions(init=init))
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--set", default="real", choices=["real", "mistral"])
@@ -37,7 +33,7 @@ def main():
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
-        "--variants", nargs="+", default=["gevd", "svd", "gevd+patch", "svd+patch", "svd_r8_baseline"]
+        "--variants", nargs="+", default=["gevd", "svd", "gevd-plain", "svd-plain", "svd_r8_baseline"]
     )
     p.add_argument("--out", type=Path, default=HERE / "results" / "real_adapters_variants.json")
     args = p.parse_args()
@@ -47,9 +43,8 @@ def main():
         import speed
 
         stacks = speed._mistral_stacks(args.layers, 10, 16, "cpu")
-    import proposed_patch as pp
-
     from peft_cp_merge import merge_modules
+    from peft_cp_merge.methods.cp import CPOptions
 
     weights = {n: [1.0] * s.shape[3] for n, s in stacks.items()}
     last = {}
@@ -57,14 +52,10 @@ def main():
     def variant(name):
         if name == "svd_r8_baseline":
             return lambda: ra.run_svd(stacks, 8)
-        init, patched = name.split("+")[0], name.endswith("+patch")
+        options = CPOptions(init=name.removesuffix("-plain"), line_search=not name.endswith("-plain"))
 
         def run():
-            pp.als._run_als = pp.run_als if patched else pp.ORIGINAL_RUN_ALS
-            try:
-                last[name] = _merge(merge_modules, stacks, weights, init)
-            finally:
-                pp.als._run_als = pp.ORIGINAL_RUN_ALS
+            last[name] = merge_modules(stacks, weights, rank=16, options=options)
 
         return run
 

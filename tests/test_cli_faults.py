@@ -310,3 +310,14 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"peft-cp-merge {__version__}"
+
+
+def test_boolean_method_options_have_a_no_form_and_reach_the_merge(folder, tmp_path):
+    outs = {}
+    for name, flags in (("searched", []), ("plain", ["--no-line-search"])):
+        outs[name] = tmp_path / name
+        assert merge(folder, outs[name], "--rank", 4, "--init", "random", *flags) == 0
+    info = json.loads((outs["plain"] / "merge_info.json").read_text())
+    assert info["options"]["line_search"] is False
+    searched, plain = (load_file(str(out / "adapter_model.safetensors")) for out in outs.values())
+    assert any(not torch.equal(searched[key], plain[key]) for key in searched)

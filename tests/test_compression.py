@@ -102,3 +102,18 @@ def test_cores_of_different_ranks_do_not_batch():
 def test_bad_stacks_are_rejected(lora_A, lora_B, scales, message):
     with pytest.raises(ValueError, match=message):
         LoraStack(lora_A, lora_B, scales)
+
+
+def test_the_eigh_fallback_undoes_the_equilibration_in_float64():
+    """Nearly identical float32 adapters take the eigh path; its basis must be orthonormal in float64.
+
+    Un-equilibrating the float64 eigh basis with norms from the float32 Gram left errors near 1e-3.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a1, b1 = torch.randn(1, 4, 64, generator=gen), 5 * torch.randn(1, 80, 4, generator=gen)
+    a2 = a1 + 1e-3 * torch.randn(1, 4, 64, generator=gen)
+    b2 = b1 + 1e-3 * torch.randn(1, 80, 4, generator=gen)
+    compressed = compress(LoraStack([a1, a2], [b1, b2], [1.0, 1.0]))
+    q = torch.cat([b1, b2], dim=2).double() @ compressed.basis_B
+    kept = q[0][:, q[0].norm(dim=0) > 0]
+    assert (kept.T @ kept - torch.eye(kept.shape[1], dtype=kept.dtype)).abs().max() < 1e-6

@@ -57,8 +57,9 @@ def test_compressed_als_equals_dense_tensorly_parafac_from_the_same_init():
     q_a = stack.cat_A().mT @ compressed.basis_A
     projected = [q_b @ q_b.mT @ init[0], q_a @ q_a.mT @ init[1], init[2]]
 
-    ours = cp_als(stack, rank, init=tuple(init), n_iter_max=n_iter, tol=0.0)
-    ours_dense = cp_als(stack.to_dense(), rank, init=tuple(projected), n_iter_max=n_iter, tol=0.0)
+    plain = {"n_iter_max": n_iter, "tol": 0.0, "line_search": False}  # sweep for sweep as parafac
+    ours = cp_als(stack, rank, init=tuple(init), **plain)
+    ours_dense = cp_als(stack.to_dense(), rank, init=tuple(projected), **plain)
     tl.set_backend("numpy")
     reference = parafac(
         stack.to_dense()[0].numpy(),
@@ -187,3 +188,23 @@ def test_cuda_matches_cpu():
     gpu = cp_als(cuda_stack, 4, n_iter_max=40, tol=0.0)
     assert gpu.weights.device.type == "cuda"
     assert torch.allclose(gpu.to_tensor().cpu(), cpu.to_tensor(), rtol=1e-7, atol=1e-9)
+
+
+def test_line_search_needs_fewer_sweeps_in_a_swamp_and_fits_no_worse():
+    """Stacks with no low-rank CP structure make plain ALS creep; extrapolation shortens the creep."""
+    stack = random_stack([4, 4, 4, 4], d_out=40, d_in=36, seed=3, batch=6)
+    options = {"n_iter_max": 400, "tol": 1e-6}  # plain: 1548 sweeps, two at the cap; searched: 821
+    plain = cp_als(stack, 6, line_search=False, **options)
+    searched = cp_als(stack, 6, **options)
+    assert searched.n_iter.sum() < 0.7 * plain.n_iter.sum()
+    assert (searched.rel_error <= plain.rel_error + 1e-4).all()
+
+
+def test_cp_als_leaves_the_thread_count_as_it_found_it():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cp_als(random_stack([2, 2], d_out=12, d_in=10, seed=0), 3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

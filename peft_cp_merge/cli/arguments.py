@@ -70,11 +70,20 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         )
         for field in fields:
             seen.add(field.name)
+            flag, help_text = f"--{field.name.replace('_', '-')}", field.metadata.get("help", "")
+            if str(field.type) == "bool":  # --name / --no-name; None when not given
+                group.add_argument(
+                    flag,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=f"{help_text} (default {'on' if field.default else 'off'})",
+                )
+                continue
             group.add_argument(
-                f"--{field.name.replace('_', '-')}",
+                flag,
                 type=_OPTION_TYPES[str(field.type)],
                 choices=field.metadata.get("choices"),
-                help=f"{field.metadata.get('help', '')} (default {field.default!r})",
+                help=f"{help_text} (default {field.default!r})",
             )
 
 

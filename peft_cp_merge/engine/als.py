@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,14 @@ def check_rank(rank: int) -> None:
 
 
 def check_options(
-    rank: int, init: str, n_iter_max: int, tol: float, l2: float, seed: int, dtype=torch.float64
+    rank: int,
+    init: str,
+    n_iter_max: int,
+    tol: float,
+    l2: float,
+    seed: int,
+    dtype=torch.float64,
+    line_search: bool = True,
 ) -> None:
     """Raise a ``ValueError`` naming the first bad CP-ALS option (for callers that check early)."""
 
@@ -137,6 +145,55 @@ def check_options(
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if not isinstance(line_search, bool):
+        raise ValueError(f"line_search must be True or False, got {line_search!r}")
+
+
+# Below this many multiply-adds per batched product (batch * I * J * R) the ALS sweeps run on one
+# thread: they are thousands of tiny kernels, and with more OpenMP threads on a loaded machine each
+# one can wait for a descheduled thread (SmolLM2, 210 modules, M = 48, R = 16, 2 threads on a busy
+# 2-core machine: 9.8 s instead of 3.1 s; benchmarks/real_adapters.py).
+SINGLE_THREAD_WORK = 2**26
+# Extrapolation (Bro's line search, as tensorly's parafac(linesearch=True)): a batch element's
+# exponent p grows by one after this many rejected trials in a row.
+EXTRAPOLATION_FAILS = 4
+
+
+@contextmanager
+def _few_threads(work: int):
+    """One intra-op thread for small CPU work, the caller's count restored afterwards."""
+    before = torch.get_num_threads()
+    if work >= SINGLE_THREAD_WORK or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _normalized(form: DenseForm | KruskalCoreForm, factors: list[Tensor], tiny: float):
+    """Working state (unit columns in the true metric), projections, Grams and weights of factors."""
+    state, projections, grams, weights = [], [], [], None
+    for mode, factor in enumerate(factors):
+        gram, projection = form.metric(factor, mode)
+        norm = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        inverse = 1.0 / norm.clamp_min(tiny)
+        state.append(factor * inverse[:, None, :])
+        projections.append(None if projection is None else projection * inverse[:, None, :])
+        grams.append(gram * inverse[:, :, None] * inverse[:, None, :])
+        weights = norm if weights is None else weights * norm
+    return state, projections, grams, weights
+
+
+def _trial(form: DenseForm | KruskalCoreForm, factors: list[Tensor], norm_sq: Tensor, tiny: float):
+    """The working state of extrapolated factors and their exact relative error (one mttkrp)."""
+    state, projections, grams, weights = _normalized(form, factors, tiny)
+    inner = ((form.mttkrp(state, 2, projections) * state[2]).sum(dim=1) * weights).sum(dim=1)
+    model_sq = torch.einsum("br,brs,bs->b", weights, grams[0] * grams[1] * grams[2], weights)
+    error = (norm_sq + model_sq - 2 * inner).clamp_min(0).sqrt() / norm_sq.sqrt()
+    return (state, projections, grams, weights), error
 
 
 def _run_als(
@@ -146,9 +203,28 @@ def _run_als(
     n_iter_max: int,
     tol: float,
     l2: float,
+    line_search: bool,
     progress: bool | None,
 ) -> tuple[Tensor, Factors, Tensor, Tensor]:
-    """ALS sweeps until every batch element has converged; returns weights, factors, n_iter, converged."""
+    """ALS sweeps until every batch element has converged; returns weights, factors, n_iter, converged.
+
+    With ``line_search``, each sweep from the third on is followed by an extrapolation trial (Bro
+    1998; tensorly's ``linesearch=True``): the factors move ``k^(1/p)`` times the last sweep's change
+    (weights folded into ``C``), and the trial is kept where it lowers the error. On the six SmolLM2
+    task adapters this cut the sweeps from 19,364 to 11,102 (modules at ``n_iter_max``: 22 -> 1) with a
+    slightly lower error; on CPU small problems run on one thread (:data:`SINGLE_THREAD_WORK`).
+    """
+    batch, rank = factors[0].shape[0], factors[0].shape[2]
+    work = batch * form.shape[1] * form.shape[2] * rank
+    if factors[0].device.type != "cpu":
+        work = SINGLE_THREAD_WORK
+    with _few_threads(work):
+        return _sweeps(
+            form, factors, n_iter_max=n_iter_max, tol=tol, l2=l2, line_search=line_search, progress=progress
+        )
+
+
+def _sweeps(form, factors, *, n_iter_max, tol, l2, line_search, progress):
     batch, rank = factors[0].shape[0], factors[0].shape[2]
     tiny = torch.finfo(factors[0].dtype).tiny
     norm_sq = form.norm_sq()
@@ -161,6 +237,9 @@ def _run_als(
     state, projections, grams = form.to_working(tuple(f[active] for f in factors))
     weights = out_weights[active].clone()
     prev_error = torch.full_like(norm_sq, math.inf)
+    exponent = torch.full_like(norm_sq, 2.0)  # extrapolation step k^(1/exponent)
+    fails = torch.zeros_like(norm_sq)
+    previous: list[Tensor] | None = None
     disable = True if active.numel() == 0 else (None if progress is None else not progress)
     bar = tqdm(total=n_iter_max, desc="CP-ALS", unit="it", disable=disable)
     for iteration in range(1, n_iter_max + 1):
@@ -180,6 +259,27 @@ def _run_als(
         inner = (mttkrp * unnormalized).sum(dim=(1, 2))
         model_sq = (hadamard * gram).sum(dim=(1, 2))
         error = (norm_sq + model_sq - 2 * inner).clamp_min(0).sqrt() / norm_sq.sqrt()
+        current = [state[0], state[1], state[2] * weights[:, None, :]]
+        if line_search and previous is not None and iteration > 2:
+            step = (iteration ** (1.0 / exponent))[:, None, None]
+            trial = [c + step * (c - p) for c, p in zip(current, previous, strict=True)]
+            (t_state, t_proj, t_grams, t_weights), t_error = _trial(form, trial, norm_sq, tiny)
+            better = (t_error < error) & t_error.isfinite()
+            fails = torch.where(better, 0.0, fails + 1)
+            bump = fails >= EXTRAPOLATION_FAILS
+            exponent, fails = torch.where(bump, exponent + 1, exponent), torch.where(bump, 0.0, fails)
+            if better.any():
+                keep = better[:, None, None]
+                state = [torch.where(keep, t, s) for t, s in zip(t_state, state, strict=True)]
+                projections = [
+                    None if p is None else torch.where(keep, tp, p)
+                    for tp, p in zip(t_proj, projections, strict=True)
+                ]
+                grams = [torch.where(keep, t, g) for t, g in zip(t_grams, grams, strict=True)]
+                weights = torch.where(better[:, None], t_weights, weights)
+                error = torch.where(better, t_error, error)
+                current = [state[0], state[1], state[2] * weights[:, None, :]]
+        previous = current
         if (error < EXACT_ERROR_BELOW).any():
             error = form.residual_sq(weights, form.from_working(state)).sqrt() / norm_sq.sqrt()
         done = (prev_error - error).abs() <= tol
@@ -202,6 +302,7 @@ def _run_als(
                 norm_sq[keep],
                 prev_error[keep],
             )
+            exponent, fails, previous = exponent[keep], fails[keep], [p[keep] for p in previous]
             weights, state, grams = weights[keep], [f[keep] for f in state], [g[keep] for g in grams]
             projections = [None if p is None else p[keep] for p in projections]
             bar.set_postfix(active=active.numel())
@@ -220,6 +321,7 @@ def cp_als(
     l2: float = 0.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    line_search: bool = True,
     progress: bool | None = False,
 ) -> CPResult:
     """Fit a rank-``rank`` CP model to every element of a batch of third-order tensors.
@@ -241,6 +343,9 @@ def cp_als(
         seed: Seed of the CPU generator behind every random number (random init, gevd mixtures,
             padding columns); the same seed gives bit-identical results on the same device.
         dtype: Precision of the ALS (float64 by default; the core is small).
+        line_search: Extrapolate after each sweep and keep the trial where it fits better (Bro's line
+            search, as tensorly's ``parafac(linesearch=True)``); ``False`` runs plain ALS, sweep for
+            sweep as tensorly's ``parafac`` from the same start.
         progress: Show a progress bar over sweeps.
 
     Returns:
@@ -256,7 +361,8 @@ def cp_als(
         >>> bool((result.rel_error < 1e-6).all())
         True
     """
-    check_options(rank, "svd" if isinstance(init, tuple | list) else init, n_iter_max, tol, l2, seed, dtype)
+    init_name = "svd" if isinstance(init, tuple | list) else init
+    check_options(rank, init_name, n_iter_max, tol, l2, seed, dtype, line_search)
     compressed: CompressedLora | None = None
     if isinstance(tensor, LoraStack):
         _check_finite(*tensor.lora_A, *tensor.lora_B, tensor.scales)
@@ -288,7 +394,7 @@ def cp_als(
         else:
             factors = initialize(form, rank, init=init, seed=seed)
         weights, factors, n_iter, converged = _run_als(
-            form, factors, n_iter_max=n_iter_max, tol=tol, l2=l2, progress=progress
+            form, factors, n_iter_max=n_iter_max, tol=tol, l2=l2, line_search=line_search, progress=progress
         )
     norm_sq = form.norm_sq()
     residual_sq = form.final_residual_sq(weights, factors)

@@ -211,13 +211,18 @@ def _equilibrated_gram(x: Tensor, *, rows: bool, exact: bool = False) -> tuple[T
 
 
 def _bases(
-    gram: Tensor, norms: Tensor, exact_gram: Callable[[Tensor], Tensor], gram_dtype: torch.dtype, rcond: float
+    gram: Tensor,
+    norms: Tensor,
+    exact_gram: Callable[[Tensor], tuple[Tensor, Tensor]],
+    gram_dtype: torch.dtype,
+    rcond: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bases of a batch of concatenated factors from their equilibrated Gram matrices.
 
     Cholesky (``R = L^T``) where the Gram is well conditioned for the precision it was computed in;
-    elsewhere (shared directions, zero adapters) the float64 Gram from ``exact_gram(index)`` and an
-    eigendecomposition with cutoff ``rcond``. The equilibration is undone at the end.
+    elsewhere (shared directions, zero adapters) the float64 Gram and column norms from
+    ``exact_gram(index)`` and an eigendecomposition with cutoff ``rcond``. The equilibration is undone
+    at the end, with the norms of the same precision as the Gram that was factorised.
     """
     chol, info = torch.linalg.cholesky_ex(gram)
     diag = chol.diagonal(dim1=-2, dim2=-1)
@@ -229,7 +234,10 @@ def _bases(
     rank = torch.full(info.shape, gram.shape[-1], dtype=torch.long, device=info.device)
     if not ok.all():
         index = (~ok).nonzero().squeeze(1)
-        basis[index], r_factor[index], rank[index] = _eigh_basis(exact_gram(index), rcond)
+        exact, exact_norms = exact_gram(index)
+        basis[index], r_factor[index], rank[index] = _eigh_basis(exact, rcond)
+        norms = norms.clone()
+        norms[index] = exact_norms
     return basis / norms[:, :, None], r_factor * norms[:, None, :], rank
 
 
@@ -259,13 +267,15 @@ def _compress_factors(stacks: Sequence[LoraStack], rcond: float | None) -> Compr
     for cat, rows in ((LoraStack.cat_B, False), (LoraStack.cat_A, True)):
         grams, norms = zip(*(_equilibrated_gram(cat(stack), rows=rows) for stack in stacks), strict=True)
 
-        def exact_gram(index: Tensor, cat=cat, rows=rows) -> Tensor:
-            out = []
+        def exact_gram(index: Tensor, cat=cat, rows=rows) -> tuple[Tensor, Tensor]:
+            grams, norms = [], []
             for i in index.tolist():
                 piece = next(p for p in range(len(stacks)) if offsets[p] <= i < offsets[p + 1])
                 x = cat(stacks[piece])[i - offsets[piece] : i - offsets[piece] + 1]
-                out.append(_equilibrated_gram(x, rows=rows, exact=True)[0])
-            return torch.cat(out)
+                gram, norm = _equilibrated_gram(x, rows=rows, exact=True)
+                grams.append(gram)
+                norms.append(norm)
+            return torch.cat(grams), torch.cat(norms)
 
         parts.append(_bases(torch.cat(grams), torch.cat(norms), exact_gram, gram_dtype, rcond))
     (basis_B, r_B, rank_B), (basis_A, r_A, rank_A) = parts

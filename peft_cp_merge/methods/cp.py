@@ -90,13 +90,18 @@ class CPOptions:
     )
     l2: float = field(default=0.0, metadata={"help": "relative ridge term of the ALS normal equations"})
     seed: int = field(default=0, metadata={"help": "seed of every random number"})
+    line_search: bool = field(
+        default=True, metadata={"help": "extrapolate after each ALS sweep (Bro's line search)"}
+    )
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(
                 f"Unknown aggregation {self.aggregation!r}; expected one of {list(AGGREGATIONS)}"
             )
-        check_options(1, self.init, self.n_iter_max, self.tol, self.l2, self.seed)
+        check_options(
+            1, self.init, self.n_iter_max, self.tol, self.l2, self.seed, line_search=self.line_search
+        )
 
 
 def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, aggregation: str) -> Tensor:
@@ -213,6 +218,7 @@ def merge_modules(
             tol=options.tol,
             l2=options.l2,
             seed=options.seed,
+            line_search=options.line_search,
         )
         if (~result.converged).any():
             logger.info(

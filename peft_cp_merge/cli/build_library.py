@@ -25,7 +25,9 @@ def add_build_library_parser(subparsers) -> None:
             "      --response-field answer --base-model model/ --k 4 6 8 10 12 --out library/\n"
             "      (several --k values: K chosen by silhouette on the sample)\n"
             "  accelerate launch --multi_gpu --num_processes 2 -m peft_cp_merge build-library ...\n"
-            "      (clusters split across the processes; on CPUs set ACCELERATE_USE_CPU=true)"
+            "      (clusters split across the processes; on CPUs set ACCELERATE_USE_CPU=true)\n"
+            "  peft-cp-merge build-library --data train.jsonl --base-model model/ --k 10 --init osrm \\\n"
+            "      --out library/   (each adapter starts orthogonal to the other clusters' inputs)"
         ),
     )
     parser.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl or .csv)")
@@ -60,6 +62,16 @@ def add_build_library_parser(subparsers) -> None:
     train.add_argument(
         "--prompt-template", default="{instruction}\n", help="prompt format (default: '{instruction}\\n')"
     )
+    train.add_argument(
+        "--init",
+        choices=("default", "osrm"),
+        default="default",
+        help="adapter start: PEFT's (default) or OSRM, lora_A where the other clusters' inputs are weakest",
+    )
+    train.add_argument(
+        "--osrm-examples", type=int, default=64, help="with --init osrm: sample per cluster (default 64)"
+    )
+    train.add_argument("--osrm-freeze-a", action="store_true", help="with --init osrm: train lora_B only")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.set_defaults(run=run_build_library)
@@ -100,6 +112,9 @@ def run_build_library(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             mixed_precision=args.mixed_precision,
             prompt_template=args.prompt_template,
+            init=args.init,
+            osrm_examples=args.osrm_examples,
+            osrm_freeze_a=args.osrm_freeze_a,
         ),
         seed=args.seed,
         progress=not args.no_progress,

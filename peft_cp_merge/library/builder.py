@@ -26,6 +26,7 @@ runs several processes with MPI (``accelerate launch --cpu``) or, with the gloo 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from .cluster_init import ClusterOSRM
 from .clustering import ClusteringOptions, cluster_embeddings
 from .data import Example, examples_fingerprint, validate_examples
 from .embedding import embed_texts, encoder_name
@@ -143,7 +145,8 @@ def build_library(
     error, previous, model = None, None, None
     try:
         previous = _previous_manifest(out_dir, settings)
-        model, tokenizer = _load_base_model(base_model, tokenizer, need_tokenizer=train_fn is None)
+        need_tokenizer = train_fn is None or training.init == "osrm"
+        model, tokenizer = _load_base_model(base_model, tokenizer, need_tokenizer=need_tokenizer)
     except Exception as exc:
         error = exc
     _raise_if_any_failed(state, error, "loading")
@@ -161,6 +164,9 @@ def build_library(
         manifest = load_library(out_dir).manifest
         labels = np.load(out_dir / manifest.assignments_file)
         train_fn = train_fn or LoraTrainer(tokenizer, options=training, progress=progress)
+        osrm = None
+        if training.init == "osrm":
+            osrm = ClusterOSRM(examples, labels, tokenizer, options=training, seed=seed, progress=progress)
         mine = _split_clusters(manifest.sizes, state.num_processes)[state.process_index]
         for index in tqdm(mine, desc=f"clusters (process {state.process_index})", disable=not progress):
             entry = manifest.clusters[index]
@@ -168,8 +174,10 @@ def build_library(
                 logger.info("Cluster %d is already trained; skipping it", index)
                 continue
             cluster_examples = [examples[i] for i in np.flatnonzero(labels == index)]
+            init = None if osrm is None else functools.partial(osrm, index=index)
+            folder = out_dir / entry.folder
             model = _train_cluster(
-                model, lora_config, cluster_examples, out_dir / entry.folder, train_fn, seed=seed + index
+                model, lora_config, cluster_examples, folder, train_fn, seed=seed + index, init=init
             )
     except Exception as exc:
         error = exc
@@ -222,6 +230,8 @@ def _validate(
         raise ValueError(f"train_fn must be callable, got {type(train_fn).__name__}.")
     if train_fn is None and tokenizer is None and isinstance(base_model, torch.nn.Module):
         raise ValueError("The built-in trainer needs tokenizer= when base_model is a loaded model.")
+    if training.init == "osrm" and tokenizer is None and isinstance(base_model, torch.nn.Module):
+        raise ValueError("init='osrm' needs tokenizer= when base_model is a loaded model.")
     if not isinstance(embed_batch_size, int) or embed_batch_size < 1:
         raise ValueError(f"embed_batch_size must be an integer >= 1, got {embed_batch_size!r}.")
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -284,6 +294,8 @@ def _settings(
     lora = {
         k: v for k, v in lora_config.to_dict().items() if k not in ("base_model_name_or_path", "revision")
     }
+    training_settings = asdict(training)
+    init = {key: training_settings.pop(key) for key in ("init", "osrm_examples", "osrm_freeze_a")}
     settings = {
         "data_sha256": examples_fingerprint(examples),
         "num_examples": len(examples),
@@ -292,10 +304,12 @@ def _settings(
         "seed": seed,
         "clustering": asdict(clustering),
         "lora": lora,
-        "training": asdict(training)
+        "training": training_settings
         if train_fn is None
         else {"train_fn": getattr(train_fn, "__qualname__", type(train_fn).__qualname__)},
     }
+    if init["init"] != "default":  # absent for the default, so libraries built before it still resume
+        settings["init"] = init
     return json.loads(json.dumps(settings, default=_json_default))
 
 
@@ -386,8 +400,11 @@ def _plan(examples, out_dir, settings, encoder, embed_batch_size, clustering, se
     logger.info("Planned %d clusters of sizes %s in %s", result.k, result.sizes, out_dir)
 
 
-def _train_cluster(model, lora_config, examples, folder: Path, train_fn, *, seed: int):
-    """Trains one adapter into a temporary folder and renames it to ``folder``; returns the base model."""
+def _train_cluster(model, lora_config, examples, folder: Path, train_fn, *, seed: int, init=None):
+    """Trains one adapter into a temporary folder and renames it to ``folder``; returns the base model.
+
+    ``init(peft_model) -> stats`` initialises the new adapter first; its stats go under ``"osrm"``.
+    """
     partial = folder.with_name(f".{folder.name}.partial")
     for leftover in (partial, folder):  # an interrupted run may have left either behind
         if leftover.exists():
@@ -396,11 +413,14 @@ def _train_cluster(model, lora_config, examples, folder: Path, train_fn, *, seed
     set_seed(seed)
     peft_model = get_peft_model(model, copy.deepcopy(lora_config))
     try:
+        init_stats = None if init is None else init(peft_model)
         stats = train_fn(peft_model, examples, partial)
         peft_model.save_pretrained(partial)
     finally:
         model = peft_model.unload()
     stats = dict(stats or {})
+    if init_stats is not None:
+        stats["osrm"] = init_stats
     try:
         json.dumps(stats)
     except TypeError as error:

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from .data import Example
 
-__all__ = ["MIXED_PRECISION", "LoraTrainer", "TrainingOptions", "TrainingStats", "encode_example"]
+__all__ = ["INITS", "MIXED_PRECISION", "LoraTrainer", "TrainingOptions", "TrainingStats", "encode_example"]
 
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+INITS = ("default", "osrm")  # how each cluster's adapter starts (docs/design.md §11)
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
 
@@ -46,6 +47,11 @@ class TrainingOptions:
             follows it directly, then the tokenizer's EOS token.
         mixed_precision: One of ``MIXED_PRECISION``, passed to ``accelerate.Accelerator``.
         log_every: Log the mean loss every this many optimizer steps.
+        init: One of ``INITS``: ``"default"`` (PEFT's initialisation) or ``"osrm"`` (each cluster's
+            ``lora_A`` starts where the other clusters' inputs have the least energy,
+            :func:`peft_cp_merge.osrm_init`; applies to a ``train_fn`` too).
+        osrm_examples: With ``init="osrm"``, examples sampled per cluster (seeded) for the statistics.
+        osrm_freeze_a: With ``init="osrm"``, keep ``lora_A`` frozen during training.
 
     Raises:
         ValueError: For a value out of range.
@@ -61,6 +67,9 @@ class TrainingOptions:
     prompt_template: str = "{instruction}\n"
     mixed_precision: str = "no"
     log_every: int = 10
+    init: str = "default"
+    osrm_examples: int = 64
+    osrm_freeze_a: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length", "log_every"):
@@ -75,6 +84,12 @@ class TrainingOptions:
             )
         if "{instruction}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain '{{instruction}}', got {self.prompt_template!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"Unknown init {self.init!r}; expected one of {INITS}.")
+        if not isinstance(self.osrm_examples, int) or self.osrm_examples < 1:
+            raise ValueError(f"osrm_examples must be an integer >= 1, got {self.osrm_examples!r}.")
+        if not isinstance(self.osrm_freeze_a, bool):
+            raise ValueError(f"osrm_freeze_a must be True or False, got {self.osrm_freeze_a!r}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"Unknown mixed_precision {self.mixed_precision!r}; expected one of {MIXED_PRECISION}."

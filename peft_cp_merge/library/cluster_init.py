@@ -1,0 +1,102 @@
+"""OSRM initialisation of each cluster's adapter against the other clusters' examples.
+
+Every cluster contributes a seeded sample of at most ``osrm_examples`` examples, encoded as the
+trainer encodes them (prompt + response). The input second moments of all samples together are
+computed once, at the first cluster that needs them; cluster ``k`` then only runs its own sample and
+takes ``total.minus(own)``: uncentred sums with token counts subtract exactly, so ``2K`` sample passes
+replace the ``K (K - 1)`` of initialising each cluster from scratch (``docs/design.md`` §11).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..osrm import input_moments, osrm_init
+from .data import Example
+from .training import TrainingOptions, encode_example
+
+__all__ = ["ClusterOSRM"]
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterOSRM:
+    """``init(peft_model, index) -> stats``: OSRM-initialises cluster ``index``'s new adapter.
+
+    Args:
+        examples: Every training example.
+        labels: (num_examples,) cluster of every example.
+        tokenizer: The base model's tokenizer.
+        options: ``osrm_examples``, ``osrm_freeze_a``, ``prompt_template``, ``max_length``, ``batch_size``.
+        seed: Cluster ``k``'s sample is drawn with ``seed + k``.
+        progress: Progress bars.
+
+    Raises:
+        ValueError: With fewer than two clusters (there are no other clusters).
+
+    Example:
+        >>> init = ClusterOSRM(examples, labels, tokenizer, options=options, seed=42)  # doctest: +SKIP
+        >>> init(peft_model, 0)["energy_ratio_mean"] < 0.1  # doctest: +SKIP
+        True
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        labels: np.ndarray,
+        tokenizer: Any,
+        *,
+        options: TrainingOptions,
+        seed: int,
+        progress: bool = True,
+    ) -> None:
+        k = int(labels.max()) + 1
+        if k < 2:
+            raise ValueError("init='osrm' needs at least two clusters: the other clusters' examples.")
+        self.options, self.progress, self.total = options, progress, None
+        self.samples = []
+        for index in range(k):
+            members = np.flatnonzero(labels == index).tolist()
+            size = min(len(members), options.osrm_examples)
+            chosen = sorted(random.Random(seed + index).sample(members, size))
+            self.samples.append([self._encode(examples[i], tokenizer) for i in chosen])
+
+    def _encode(self, example: Example, tokenizer: Any) -> dict[str, list[int]]:
+        template, length = self.options.prompt_template, self.options.max_length
+        ids, _ = encode_example(example, tokenizer, prompt_template=template, max_length=length)
+        return {"input_ids": ids}
+
+    def _moments(self, peft_model, adapter: str, rows):
+        return input_moments(
+            peft_model,
+            adapter,
+            rows,
+            max_examples=len(rows),
+            batch_size=self.options.batch_size,
+            progress=self.progress,
+        )
+
+    @torch.no_grad()
+    def __call__(self, peft_model, index: int) -> dict[str, Any]:
+        """Initialises ``peft_model``'s active adapter for cluster ``index``; returns JSON-ready stats."""
+        adapter = peft_model.active_adapter
+        if self.total is None:
+            every = [row for sample in self.samples for row in sample]
+            self.total = self._moments(peft_model, adapter, every)
+        others = self.total.minus(self._moments(peft_model, adapter, self.samples[index]))
+        report = osrm_init(peft_model, adapter, others, freeze_a=self.options.osrm_freeze_a)
+        logger.info("Cluster %d: OSRM init on %d other examples", index, report.examples)
+        return {
+            "init": "osrm",
+            "other_examples": report.examples,
+            "energy_ratio_mean": report.energy_ratio_mean,
+            "energy_ratio_max": report.energy_ratio_max,
+            "replaced_energy_ratio_mean": report.replaced_energy_ratio_mean,
+            "frozen_a": report.frozen_a,
+        }

@@ -1,9 +1,11 @@
 """``combination_type="cp"`` for PEFT's ``add_weighted_adapter``.
 
 :func:`add_cp_weighted_adapter` merges LoRA adapters of a ``PeftModel`` / ``LoraModel`` into a new
-adapter with :func:`.merge_modules`. :func:`register` wraps ``LoraModel.add_weighted_adapter``
-so that ``combination_type="cp"`` (with ``cp_*`` options) goes here and every other combination type
-goes to PEFT unchanged; ``import peft_cp_merge`` calls it, :func:`unregister` undoes it.
+adapter with :func:`.merge_modules`. :func:`register` makes ``combination_type="cp"`` (with ``cp_*``
+options) come here and leaves every other combination type to PEFT; ``import peft_cp_merge`` calls
+it, :func:`unregister` undoes it. Where PEFT has a combination-type hook
+(``peft.tuners.lora.register_combination_type``, proposed in ``upstream/``), "cp" is registered
+through it; otherwise ``LoraModel.add_weighted_adapter`` is wrapped. :func:`registered_via` says which.
 
 Order of work: validate everything, compute the merged factors (the model is not touched), then add
 and fill the new adapter; if that last step fails, the half-made adapter is deleted again.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig
+from peft.tuners import lora as peft_lora
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import _freeze_adapter
 from torch import Tensor
@@ -37,7 +41,16 @@ from .input_checks import (
 from .methods import CPOptions, MergedLora, merge_modules
 from .methods.cp import default_rank
 
-__all__ = ["CPMergeReport", "add_cp_weighted_adapter", "is_registered", "register", "unregister"]
+__all__ = [
+    "CPMergeReport",
+    "add_cp_weighted_adapter",
+    "is_registered",
+    "register",
+    "registered_via",
+    "unregister",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -311,6 +324,17 @@ _PEFT_DEFAULTS = {
 }
 
 
+def _cp_options(kwargs: dict) -> dict:
+    """``cp_*`` keyword options -> :func:`add_cp_weighted_adapter` keywords; anything else is refused."""
+    unknown = sorted(k for k in kwargs if not k.startswith("cp_") or k[3:] not in _CP_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {unknown} for combination_type='cp'; "
+            f"expected {['cp_' + k for k in _CP_OPTIONS]}"
+        )
+    return {k[3:]: v for k, v in kwargs.items()}
+
+
 def _wrap(original):
     @functools.wraps(original)
     def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", *args, **kwargs):
@@ -326,38 +350,81 @@ def _wrap(original):
                 "combination_type='cp' takes its options as keywords only "
                 f"({['cp_' + k for k in _CP_OPTIONS]}), got {len(args)} extra positional argument(s)"
             )
-        unknown = sorted(k[3:] for k in cp_kwargs if k[3:] not in _CP_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {['cp_' + k for k in unknown]} for combination_type='cp'; "
-                f"expected {['cp_' + k for k in _CP_OPTIONS]}"
-            )
+        options = _cp_options(cp_kwargs)
         ignored = sorted(k for k, v in kwargs.items() if k not in _PEFT_DEFAULTS or v != _PEFT_DEFAULTS[k])
         if ignored:
             raise ValueError(
                 f"Option(s) {ignored} are not used by combination_type='cp'; "
                 f"its options are {['cp_' + k for k in _CP_OPTIONS]}"
             )
-        return add_cp_weighted_adapter(
-            self, adapters, weights, adapter_name, **{k[3:]: v for k, v in cp_kwargs.items()}
-        )
+        return add_cp_weighted_adapter(self, adapters, weights, adapter_name, **options)
 
     add_weighted_adapter._peft_cp_merge_original = original
     return add_weighted_adapter
 
 
+def _check_through_hook(lora_model, adapters, weights, **kwargs) -> None:
+    _cp_options(kwargs)
+
+
+def _merge_through_hook(lora_model, adapters, weights, adapter_name, **kwargs) -> CPMergeReport:
+    return add_cp_weighted_adapter(lora_model, adapters, weights, adapter_name, **_cp_options(kwargs))
+
+
+# Whether "cp" is registered through PEFT's hook (the wrapper is recognised by its attribute instead).
+_hooked = False
+
+
+def registered_via() -> str | None:
+    """How ``combination_type="cp"`` reaches this package: ``"hook"``, ``"wrapper"`` or ``None``.
+
+    Example:
+        >>> import peft_cp_merge
+        >>> registered_via() in ("hook", "wrapper")
+        True
+    """
+    if _hooked:
+        return "hook"
+    if hasattr(LoraModel.add_weighted_adapter, "_peft_cp_merge_original"):
+        return "wrapper"
+    return None
+
+
 def is_registered() -> bool:
-    """Whether ``LoraModel.add_weighted_adapter`` currently accepts ``combination_type="cp"``."""
-    return hasattr(LoraModel.add_weighted_adapter, "_peft_cp_merge_original")
+    """Whether ``add_weighted_adapter(..., combination_type="cp")`` currently comes to this package."""
+    return registered_via() is not None
 
 
 def register() -> None:
-    """Make ``add_weighted_adapter(..., combination_type="cp")`` work. Idempotent."""
-    if not is_registered():
+    """Make ``add_weighted_adapter(..., combination_type="cp")`` come here. Idempotent.
+
+    Through ``peft.tuners.lora.register_combination_type`` where PEFT has it, else by wrapping
+    ``LoraModel.add_weighted_adapter``. A PEFT that implements "cp" itself is left alone (with a
+    warning): this package's merge is then :func:`add_cp_weighted_adapter`.
+    """
+    global _hooked
+    if is_registered():
+        return
+    hook = getattr(peft_lora, "register_combination_type", None)
+    if hook is None:
         LoraModel.add_weighted_adapter = _wrap(LoraModel.add_weighted_adapter)
+    elif "cp" in getattr(peft_lora.model, "BUILTIN_COMBINATION_TYPES", ()):
+        warnings.warn(
+            "PEFT has its own combination_type='cp' (options: cp_rank); it is left in place. This package's "
+            "merge and its other options are available as peft_cp_merge.add_cp_weighted_adapter",
+            stacklevel=2,
+        )
+    else:
+        hook("cp", _merge_through_hook, check=_check_through_hook)
+        _hooked = True
+        logger.debug("combination_type='cp' registered through peft.tuners.lora.register_combination_type")
 
 
 def unregister() -> None:
-    """Restore PEFT's own ``add_weighted_adapter``. Idempotent."""
-    if is_registered():
+    """Restore PEFT's own ``add_weighted_adapter`` (or remove "cp" from its hook). Idempotent."""
+    global _hooked
+    if _hooked:
+        peft_lora.unregister_combination_type("cp")
+        _hooked = False
+    elif is_registered():
         LoraModel.add_weighted_adapter = LoraModel.add_weighted_adapter._peft_cp_merge_original

@@ -268,3 +268,19 @@ def test_a_failed_calibration_in_add_weighted_adapter_leaves_no_adapter():
             ["task_a", "task_b"], [0.5, 0.5], "calibrated", combination_type="cp", cp_calibration=[]
         )
     assert "calibrated" not in model.peft_config
+
+
+@pytest.mark.cuda
+def test_calibration_on_cuda_matches_cpu():
+    """The model on CUDA (examples follow it), the same seed: the same gains as on CPU, to rounding."""
+    reports = {}
+    for device in ("cpu", "cuda"):
+        model = _model()
+        examples = _examples(model)
+        model.to(device)
+        reports[device] = calibrate(model, "merged", examples, steps=10, lr=0.05, progress=False)
+        assert {p.device.type for p in model.parameters()} == {device}
+    cpu, cuda = reports["cpu"].module_gain_mean, reports["cuda"].module_gain_mean
+    assert cuda.keys() == cpu.keys()
+    assert [cuda[k] for k in cpu] == pytest.approx([cpu[k] for k in cpu], rel=1e-3, abs=1e-4)
+    assert reports["cuda"].steps == reports["cpu"].steps

@@ -102,7 +102,7 @@ def main() -> None:
     record = {"threads": args.threads, "examples": args.examples, "rank": args.rank, "targets": TARGETS}
 
     batch = others(rows, "add_sub", args.examples, seed=0)
-    record["tokens_per_256"] = sum(len(r["input_ids"]) for r in batch)
+    record["tokens_of_the_examples"] = sum(len(r["input_ids"]) for r in batch)
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(batch), 8):
@@ -117,6 +117,7 @@ def main() -> None:
                 )
             base(input_ids=ids, attention_mask=mask)
     record["plain_forward_s"] = round(time.perf_counter() - start, 2)
+    save(record, args.out)  # after every stage: an interrupted run still leaves its numbers
 
     # library way: one total, one own pass per task, subtraction
     samples = {
@@ -127,48 +128,44 @@ def main() -> None:
     every = [row for s in samples.values() for row in s]
     total = input_moments(model, "default", every, max_examples=len(every))
     record["library_total_moments_s"] = round(time.perf_counter() - start, 2)
+    record["groups"] = len(total.groups)
     reports = {}
     for task, own_rows in samples.items():
         own = input_moments(model, "default", own_rows, max_examples=len(own_rows))
         reports[task] = summary(osrm_init(model, "default", total.minus(own)))
-    record["library_s"] = round(time.perf_counter() - start, 2)
-    record["library_tasks"] = reports
+        record["library_s"], record["library_tasks"] = round(time.perf_counter() - start, 2), reports
+        save(record, args.out)
 
     start = time.perf_counter()
     for moment in total.sums:
         bottom_eigenvectors(moment, args.rank)
     record["eigen_solve_per_task_s"] = round(time.perf_counter() - start, 2)
-    record["groups"] = len(total.groups)
     model.unload()
+    save(record, args.out)
 
     per_task = {}
     for task in list(rows)[: args.per_task]:
         model = fresh(base, args.rank)
         per_task[task] = summary(osrm_init(model, "default", others(rows, task, args.examples, seed=1)))
         model.unload()
-    record["per_task"] = per_task
+        record["per_task"] = per_task
+        save(record, args.out)
+    print(json.dumps({k: v for k, v in record.items() if k.endswith("_s")}))
 
+
+def save(record: dict, out: Path) -> None:
+    """Writes ``record`` with the machine, versions and date."""
     record["machine"] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "load_average_at_end": os.getloadavg(),
+        "load_average": os.getloadavg(),
     }
     record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    keys = (
-        "tokens_per_256",
-        "plain_forward_s",
-        "library_total_moments_s",
-        "library_s",
-        "eigen_solve_per_task_s",
-    )
-    print(
-        json.dumps({k: record[k] for k in keys} | {"per_task_s": [v["seconds"] for v in per_task.values()]})
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

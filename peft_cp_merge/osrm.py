@@ -159,7 +159,7 @@ def input_moments(
     return collect_moments(model, layers, rows, batch_size=batch_size, device=device, progress=progress)
 
 
-def bottom_eigenvectors(moment: Tensor, rank: int, *, max_iter: int = 100, tol: float = 1e-10) -> Tensor:
+def bottom_eigenvectors(moment: Tensor, rank: int, *, max_iter: int = 100, tol: float = 1e-8) -> Tensor:
     """Eigenvectors of the ``rank`` smallest eigenvalues of a symmetric PSD ``moment`` (d, d).
 
     Up to ``DENSE_MAX_DIM`` a full ``eigh``; above, block inverse iteration on the Cholesky factor of
@@ -203,8 +203,9 @@ def _inverse_iteration(m: Tensor, rank: int, scale: float, *, max_iter: int, tol
         x = torch.linalg.qr(torch.cholesky_solve(x, factor))[0]
         values, ritz = torch.linalg.eigh(x.T @ m @ x)
         x = x @ ritz
+        floor = 1e-12 * scale * d  # above the rounding of the Ritz values (||M|| <= tr(M) = scale * d)
         if previous is not None and bool(
-            ((values[:rank] - previous).abs() <= tol * (previous.abs() + 1e-12 * scale)).all()
+            ((values[:rank] - previous).abs() <= tol * previous.abs() + floor).all()
         ):
             break
         previous = values[:rank]
@@ -218,7 +219,7 @@ def _energy_ratio(rows: Tensor, moment: Tensor, d: int) -> float:
     norm = float((a * a).sum())
     if trace <= 0 or norm == 0:
         return 0.0
-    return float(torch.einsum("rd,de,re->", a, moment, a)) / norm / (trace / d)
+    return float(((a @ moment) * a).sum()) / norm / (trace / d)
 
 
 def _new_rows(layers, adapter_name: str, moments: InputMoments):

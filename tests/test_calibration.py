@@ -12,8 +12,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from testing_utils import tiny_llama_config
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import peft_cp_merge  # noqa: F401  (combination_type="cp")
 from peft_cp_merge.calibration import CalibrationReport, calibrate
@@ -24,16 +25,8 @@ ATTN, MLP = ("q_proj", "v_proj"), ("up_proj", "down_proj")
 
 def _base() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.3,  # peaked predictions, so that the adapters change them
-    )
+    # peaked predictions (initializer_range 0.3), so that the adapters change them
+    config = tiny_llama_config(VOCAB, initializer_range=0.3)
     return LlamaForCausalLM(config).eval()
 
 

@@ -8,9 +8,10 @@ along ``PLANTED`` directions, except the padding token's, which has a lot: the n
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from testing_utils import tiny_llama_config
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from peft_cp_merge import OSRMReport, osrm_init
 from peft_cp_merge.osrm import bottom_eigenvectors, input_moments
@@ -62,15 +63,7 @@ def lora_A(model, module):
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(VOCAB)
     return get_peft_model(LlamaForCausalLM(config).eval(), LoraConfig(r=RANK, target_modules=LLAMA_TARGETS))
 
 

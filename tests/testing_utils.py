@@ -307,6 +307,21 @@ def word_tokenizer():
     )
 
 
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A two-layer Llama configuration (hidden 32, 4 heads, 2 key-value heads) for fast tests."""
+    from transformers import LlamaConfig
+
+    settings = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    return LlamaConfig(vocab_size=vocab_size, **(settings | overrides))
+
+
 def save_tiny_llama(folder: Path, *, seed: int = 0) -> Path:
     """Save a 2-layer, hidden-32 Llama with random weights and the word tokenizer.
 
@@ -317,17 +332,11 @@ def save_tiny_llama(folder: Path, *, seed: int = 0) -> Path:
     Returns:
         ``folder``.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = word_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    config = tiny_llama_config(
+        len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

@@ -121,6 +121,12 @@ def load_stacks(folders: list[Path]):
     return stacks
 
 
+def default_rank(stacks) -> int:
+    """The merge's default cp rank over all modules: ``min(2 max r, sum r)``."""
+    ranks = {r for s in stacks.values() for r in s.ranks}
+    return min(2 * max(ranks), min(sum(s.ranks) for s in stacks.values()))
+
+
 def _natural(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -312,7 +318,7 @@ def main() -> None:
 
     stacks = load_stacks(folders)
     ranks = sorted({r for s in stacks.values() for r in s.ranks})
-    rank = args.rank or min(2 * max(ranks), min(sum(s.ranks) for s in stacks.values()))
+    rank = args.rank or default_rank(stacks)
     print(f"{len(stacks)} modules, {len(folders)} adapters, ranks {ranks}, cp rank {rank}", flush=True)
     record: dict = {
         "environment": environment(args.threads),

@@ -28,7 +28,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from real_adapters import DEFAULT_FOLDERS, _engine, cores_of, environment, load_stacks  # noqa: E402
+from real_adapters import DEFAULT_FOLDERS, _engine, cores_of, default_rank, environment, load_stacks  # noqa: E402
 
 OUT = HERE / "results" / "real_adapters_investigation.json"
 
@@ -413,8 +413,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     stacks = load_stacks(args.folders or DEFAULT_FOLDERS)
-    ranks = sorted({r for s in stacks.values() for r in s.ranks})
-    rank = args.rank or min(2 * max(ranks), min(sum(s.ranks) for s in stacks.values()))
+    rank = args.rank or default_rank(stacks)
     inv = investigate(stacks, rank, args)
     inv["environment"] = environment([1])
     args.out.write_text(json.dumps(inv, indent=1) + "\n")

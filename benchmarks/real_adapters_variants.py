@@ -16,10 +16,7 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -62,18 +59,8 @@ def main():
     fns = {v: variant(v) for v in args.variants}
     for fn in fns.values():
         fn()
-    pairs = [(v, t) for t in args.threads for v in fns]
-    runs = {f"{v}@{t}": [] for v, t in pairs}
-    for rep in range(args.repeats):
-        s = rep % len(pairs)
-        for v, t in pairs[s:] + pairs[:s]:
-            torch.set_num_threads(t)
-            t0 = time.perf_counter()
-            fns[v]()
-            runs[f"{v}@{t}"].append(time.perf_counter() - t0)
-    out = {"set": args.set, "environment": ra.environment(args.threads), "timing": {}, "quality": {}}
-    for k, v in runs.items():
-        out["timing"][k] = {"median_s": statistics.median(v), "spread": max(v) / min(v), "runs_s": v}
+    timing = ra.time_side_by_side(fns, args.threads, args.repeats)
+    out = {"set": args.set, "environment": ra.environment(args.threads), "timing": timing, "quality": {}}
     for name, merged in last.items():
         m = list(merged.values())
         out["quality"][name] = {

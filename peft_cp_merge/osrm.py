@@ -25,14 +25,15 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from .input_checks import check_device
-from .osrm_statistics import InputMoments, collect_moments, example_rows
+from .osrm_statistics import InputMoments, collect_moments, example_rows, module_passes, moment_bytes
 from .peft_binding import _lora_model
 
-__all__ = ["InputMoments", "OSRMReport", "bottom_eigenvectors", "input_moments", "osrm_init"]
+__all__ = ["InputMoments", "OSRMReport", "bottom_eigenvectors", "input_moments", "osrm_init", "statistics_gb"]
 
 logger = logging.getLogger(__name__)
 
 DENSE_MAX_DIM = 256  # at most this size a full eigh is cheaper than inverse iteration
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,14 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_options(max_examples, batch_size, freeze_a, force) -> None:
+def _check_options(max_examples, batch_size, freeze_a, force, max_memory_gb=1.0) -> None:
     for name, value in (("max_examples", max_examples), ("batch_size", batch_size)):
         if not (_is_int(value) and value >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if max_memory_gb is not None and (
+        isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, int | float) or not max_memory_gb > 0
+    ):
+        raise ValueError(f"max_memory_gb must be a number > 0 or None (no limit), got {max_memory_gb!r}")
     for name, value in (("freeze_a", freeze_a), ("force", force)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -118,9 +123,9 @@ def _osrm_layers(lora_model, adapter_name: str, *, force: bool) -> dict[str, Lor
     return layers
 
 
-def _prepare(model, adapter_name, examples, max_examples, batch_size, device, force):
+def _prepare(model, adapter_name, examples, max_examples, batch_size, device, force, max_memory_gb):
     lora_model = _lora_model(model)
-    _check_options(max_examples, batch_size, False, force)
+    _check_options(max_examples, batch_size, False, force, max_memory_gb)
     device = check_device(device)
     layers = _osrm_layers(lora_model, adapter_name, force=force)
     if isinstance(examples, InputMoments):
@@ -142,21 +147,53 @@ def input_moments(
     max_examples: int = 256,
     batch_size: int = 8,
     device: torch.device | str | None = None,
+    max_memory_gb: float | None = 8.0,
     progress: bool | None = None,
 ) -> InputMoments:
     """The base model's input second moments at the LoRA modules of ``adapter_name``.
 
     Arguments as :func:`osrm_init` (any adapter state: nothing is written). Returns
-    :class:`InputMoments`, which :func:`osrm_init` takes in place of examples.
+    :class:`InputMoments`, which :func:`osrm_init` takes in place of examples. All statistics are
+    held at once, so ``max_memory_gb`` must hold them (:func:`statistics_gb`); :func:`osrm_init` on
+    examples needs no more than its budget, collecting them in passes.
+
+    Raises:
+        ValueError: As :func:`osrm_init`, and when the statistics exceed ``max_memory_gb``.
 
     Example:
         >>> total = input_moments(model, "default", every_cluster_sample)  # doctest: +SKIP
         >>> osrm_init(model, "default", total.minus(own_sample_moments))  # doctest: +SKIP
     """
-    _, layers, rows, device = _prepare(model, adapter_name, examples, max_examples, batch_size, device, True)
+    _, layers, rows, device = _prepare(
+        model, adapter_name, examples, max_examples, batch_size, device, True, max_memory_gb
+    )
     if isinstance(rows, InputMoments):
         raise ValueError("examples must be examples here, not InputMoments")
+    need = statistics_gb(model, adapter_name)
+    if max_memory_gb is not None and need > max_memory_gb:
+        raise ValueError(
+            f"The statistics of adapter {adapter_name!r} need up to {need:.3g} GB, over max_memory_gb="
+            f"{max_memory_gb!r}: raise it, or call osrm_init on the examples (it works in passes)"
+        )
     return collect_moments(model, layers, rows, batch_size=batch_size, device=device, progress=progress)
+
+
+def statistics_gb(model, adapter_name: str) -> float:
+    """GB (2**30 bytes) that one set of input statistics of ``adapter_name`` takes, without sharing.
+
+    Each LoRA module's ``sum h h^T``: ``d_in^2`` float64 (float32 above 8,192 inputs). Modules
+    reading one input (q/k/v, gate/up) share theirs, so the real figure is lower.
+
+    Example:
+        >>> round(statistics_gb(model, "default"), 2)  # doctest: +SKIP
+        1.22
+    """
+    layers = _osrm_layers(_lora_model(model), adapter_name, force=True)
+    return sum(moment_bytes(_d_in(layer, adapter_name)) for layer in layers.values()) / GIB
+
+
+def _d_in(layer, adapter_name: str) -> int:
+    return layer.lora_A[adapter_name].weight.shape[1]
 
 
 def bottom_eigenvectors(moment: Tensor, rank: int, *, max_iter: int = 100, tol: float = 1e-8) -> Tensor:
@@ -189,9 +226,11 @@ def bottom_eigenvectors(moment: Tensor, rank: int, *, max_iter: int = 100, tol: 
 
 def _inverse_iteration(m: Tensor, rank: int, scale: float, *, max_iter: int, tol: float) -> Tensor:
     d = m.shape[0]
-    eye = torch.eye(d, dtype=m.dtype, device=m.device)
     for shift in (1e-12, 1e-9, 1e-6):  # the smallest that factorises (M may be singular)
-        factor, info = torch.linalg.cholesky_ex(m + shift * scale * eye)
+        shifted = m.clone()
+        shifted.diagonal().add_(shift * scale)
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0:
             break
     else:
@@ -257,6 +296,7 @@ def osrm_init(
     device: torch.device | str | None = None,
     freeze_a: bool = False,
     force: bool = False,
+    max_memory_gb: float | None = 8.0,
     progress: bool | None = None,
 ) -> OSRMReport:
     """Set ``lora_A`` of a new adapter to the directions the other tasks' inputs barely excite.
@@ -280,6 +320,11 @@ def osrm_init(
         device: Where the examples go (default: where the model's first parameter is).
         freeze_a: Set ``requires_grad=False`` on the new ``lora_A`` (only ``lora_B`` trains then).
         force: Rewrite ``lora_A`` even when ``lora_B`` is not zero (the outputs then change).
+        max_memory_gb: Budget for the statistics held at once (``None``: no limit). When all of them
+            need more (:func:`statistics_gb`; about 39 GB for a Mistral-7B-shaped model with every
+            projection), the modules are split into consecutive passes over the examples, each
+            pass's forward stopping after its last module, and each pass's statistics are freed
+            once its rows are computed. Same result, more forward passes.
         progress: Progress bar (``None``: on a terminal only).
 
     Returns:
@@ -299,30 +344,43 @@ def osrm_init(
         True
     """
     start = time.perf_counter()
-    _check_options(max_examples, batch_size, freeze_a, force)
+    _check_options(max_examples, batch_size, freeze_a, force, max_memory_gb)
     _, layers, rows, device = _prepare(
-        model, adapter_name, other_examples, max_examples, batch_size, device, force
+        model, adapter_name, other_examples, max_examples, batch_size, device, force, max_memory_gb
     )
     if isinstance(rows, InputMoments):
-        moments = rows
+        passes = [(rows, layers)]
     else:
-        moments = collect_moments(
-            model, layers, rows, batch_size=batch_size, device=device, progress=progress
-        )
-    new = _new_rows(layers, adapter_name, moments)
+        budget = float("inf") if max_memory_gb is None else max_memory_gb * GIB
+        names = module_passes({n: _d_in(layer, adapter_name) for n, layer in layers.items()}, budget)
+        passes = [(rows, {n: layers[n] for n in chunk}) for chunk in names]
+    new, groups, tokens, examples = {}, [], [], 0
+    for index, (source, chunk) in enumerate(passes):
+        if isinstance(source, InputMoments):
+            moments = source
+        else:
+            desc = "OSRM statistics" + (f" (pass {index + 1}/{len(passes)})" if len(passes) > 1 else "")
+            moments = collect_moments(
+                model, chunk, source, batch_size=batch_size, device=device, progress=progress, desc=desc
+            )
+        new.update(_new_rows(chunk, adapter_name, moments))
+        groups += [tuple(n for n in group if n in chunk) for group in moments.groups]
+        group_of = {name: i for i, group in enumerate(moments.groups) for name in group}
+        tokens += [moments.tokens[group_of[name]] for name in chunk]
+        examples = moments.examples
+        del moments  # this pass's statistics are freed before the next pass
     for name, layer in layers.items():  # every check passed: write
         weight = layer.lora_A[adapter_name].weight
         weight.copy_(new[name][0].to(weight.device, weight.dtype))
         if freeze_a:
             weight.requires_grad_(False)
     ratios = {name: new[name][1] for name in layers}
-    group_of = {name: i for i, group in enumerate(moments.groups) for name in group}
     report = OSRMReport(
         adapter_name=adapter_name,
         modules=tuple(layers),
-        groups=tuple(g for g in (tuple(n for n in grp if n in layers) for grp in moments.groups) if g),
-        examples=moments.examples,
-        tokens=min(moments.tokens[group_of[name]] for name in layers),
+        groups=tuple(g for g in groups if g),
+        examples=examples,
+        tokens=min(tokens),
         energy_ratio_mean=sum(ratios.values()) / len(ratios),
         energy_ratio_max=max(ratios.values()),
         replaced_energy_ratio_mean=sum(new[name][2] for name in layers) / len(layers),

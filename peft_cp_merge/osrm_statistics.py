@@ -1,11 +1,14 @@
 """Input statistics of LoRA modules: streamed second moments ``sum h h^T`` of what reaches them.
 
 Used by :mod:`peft_cp_merge.osrm`. Forward pre-hooks on the LoRA modules see each module's input
-``h`` (batch, seq, d_in); the padding tokens are left out with the batch's ``attention_mask``. The
-sums are float64 (float32 above ``FLOAT64_MAX_DIM``, where ``d_in^2 * 8`` bytes per statistic would
-be too much) and are shared between modules that read the same input tensor (q/k/v, gate/up):
-a module reading the very tensor object the module hooked just before it read joins its group.
-All adapters are disabled meanwhile, so the statistics are the base model's (``docs/design.md`` §11).
+``h`` (batch, seq, d_in); the padding tokens are left out with the batch's ``attention_mask``. Each
+batch's ``h^T h`` is a float32 product added to a float64 sum (float32 above ``FLOAT64_MAX_DIM``,
+where ``d_in^2 * 8`` bytes per statistic would be too much); sums are shared between modules that
+read the same input tensor (q/k/v, gate/up): a module reading the very tensor object the module
+hooked just before it read joins its group. All adapters are disabled meanwhile, so the statistics
+are the base model's (``docs/design.md`` §11). A forward pass stops as soon as every hooked module
+has seen its input (the rest of the model is not needed), and :func:`module_passes` splits the
+modules into passes whose statistics fit a memory budget.
 """
 
 from __future__ import annotations
@@ -19,9 +22,44 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["FLOAT64_MAX_DIM", "InputMoments", "collect_moments", "example_rows"]
+__all__ = [
+    "FLOAT64_MAX_DIM",
+    "InputMoments",
+    "collect_moments",
+    "example_rows",
+    "module_passes",
+    "moment_bytes",
+]
 
 FLOAT64_MAX_DIM = 8192  # inputs wider than this are accumulated in float32 (d_in^2 * 8 bytes otherwise)
+
+
+def moment_bytes(d_in: int) -> int:
+    """Bytes of one module's statistic: its sum (float64, float32 above ``FLOAT64_MAX_DIM``)."""
+    return d_in * d_in * (8 if d_in <= FLOAT64_MAX_DIM else 4)
+
+
+def module_passes(d_ins: Mapping[str, int], budget_bytes: float) -> list[list[str]]:
+    """Modules (in model order) split into consecutive passes whose statistics fit ``budget_bytes``.
+
+    Counted without sharing (an upper bound), plus one float32 batch product of the widest module.
+    A module too large for the budget alone gets a pass of its own.
+
+    Example:
+        >>> module_passes({"a": 10, "b": 10, "c": 20}, budget_bytes=2400)
+        [['a', 'b'], ['c']]
+    """
+    passes: list[list[str]] = []
+    used = 0.0
+    for name, d_in in d_ins.items():
+        need = moment_bytes(d_in)
+        if passes and used + need + 4 * d_in * d_in <= budget_bytes:
+            passes[-1].append(name)
+            used += need
+        else:
+            passes.append([name])
+            used = need
+    return passes
 
 
 @dataclass(frozen=True)
@@ -128,6 +166,10 @@ def _base_features(model) -> Iterator[None]:
             m.training = mode
 
 
+class _Done(Exception):
+    """Raised by the last hook of a forward pass to stop it."""
+
+
 class _MomentHooks:
     """Forward pre-hooks accumulating ``sum h h^T`` per group of modules that read one input tensor.
 
@@ -137,6 +179,7 @@ class _MomentHooks:
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
         self.layers, self.mask, self.last = layers, None, None
+        self.seen: set[str] = set()  # modules hooked in the current forward pass
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
         self.sums: list[Tensor | None] = []
@@ -160,6 +203,9 @@ class _MomentHooks:
             elif self.last is None or x is not self.last[0]:
                 raise RuntimeError(f"Module {name!r} no longer reads the input of its group; cannot share")
             self.last = (x, self.group_of[name])
+            self.seen.add(name)
+            if len(self.seen) == len(self.layers):
+                raise _Done  # every module has its input: the rest of the forward is not needed
 
         return pre_hook
 
@@ -170,10 +216,10 @@ class _MomentHooks:
         else:  # a layout without (batch, seq): every row counts
             h = x.reshape(-1, x.shape[-1])
         dtype = torch.float64 if h.shape[-1] <= FLOAT64_MAX_DIM else torch.float32
-        h = h.to(dtype)
+        h = h.to(torch.float32)
         if self.sums[group] is None:
             self.sums[group] = torch.zeros(h.shape[-1], h.shape[-1], dtype=dtype, device=h.device)
-        self.sums[group].addmm_(h.T, h)
+        self.sums[group].add_(h.T @ h)  # a float32 product per batch: half the time of float64
         self.tokens[group] += h.shape[0]
 
     @contextlib.contextmanager
@@ -190,18 +236,28 @@ class _MomentHooks:
 
 
 def collect_moments(
-    model, layers: dict[str, nn.Module], rows, *, batch_size: int, device, progress: bool | None
+    model,
+    layers: dict[str, nn.Module],
+    rows,
+    *,
+    batch_size: int,
+    device,
+    progress: bool | None,
+    desc: str = "OSRM statistics",
 ) -> InputMoments:
+    """The base model's input moments at ``layers`` over ``rows`` (one pass; see the module notes)."""
     hooks = _MomentHooks(layers)
-    bar = tqdm(total=len(rows), desc="OSRM statistics", disable=None if progress is None else not progress)
+    bar = tqdm(total=len(rows), desc=desc, disable=None if progress is None else not progress)
     with bar, _base_features(model), hooks.registered():
         for ids, mask in _batches(rows, batch_size, device):
-            hooks.mask = mask
+            hooks.mask, hooks.last = mask, None
+            hooks.seen.clear()
             try:
                 model(input_ids=ids, attention_mask=mask)
+            except _Done:
+                pass
             except (IndexError, RuntimeError) as error:
                 raise ValueError(f"The model's forward pass failed on the examples: {error}") from error
-            hooks.last = None
             bar.update(ids.shape[0])
     unreached = [n for n in layers if n not in hooks.group_of or hooks.tokens[hooks.group_of[n]] == 0]
     if unreached:

@@ -92,27 +92,39 @@ def lora_a(folder):
     return {k: v for k, v in weights.items() if k.endswith("lora_A.weight")}
 
 
+def other_moments(assets, labels, index):
+    """Module -> the direct input moments of every cluster but ``index`` (the reference), and the report."""
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.llama))
+    others = [assets.examples[i] for i in np.flatnonzero(labels != index)]
+    rows = [
+        {"input_ids": encode_example(e, tokenizer, prompt_template="{instruction}\n", max_length=512)[0]}
+        for e in others
+    ]
+    torch.manual_seed(0)
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(str(assets.llama)), lora_config())
+    moments = input_moments(reference, "default", rows, max_examples=len(rows))
+    moment_of = {name: m for group, m in zip(moments.groups, moments.sums, strict=True) for name in group}
+    return moment_of, osrm_init(reference, "default", moments, progress=False), len(others)
+
+
+def assert_bottom_rows(folder, moment_of):
+    """Each saved ``lora_A`` has the least energy possible on the other clusters' inputs."""
+    for key, a in lora_a(folder).items():
+        m = moment_of[key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")]
+        energy = float(torch.einsum("rd,de,re->", a.double(), m, a.double()))
+        smallest = float(torch.linalg.eigvalsh(m)[: a.shape[0]].sum())
+        # The library's moments are total minus own, each a sum of float32 batch products: they
+        # match the direct ones to float32 rounding, which is all a (near-)null space holds here.
+        assert energy == pytest.approx(smallest, rel=1e-4, abs=1e-6 * float(m.trace()))
+
+
 def test_each_adapter_starts_orthogonal_to_the_other_clusters_inputs(built, assets):
     labels = np.load(built.path / built.manifest.assignments_file)
-    tokenizer = AutoTokenizer.from_pretrained(str(assets.llama))
     for entry, folder in zip(built.manifest.clusters, built.adapter_dirs, strict=True):
-        others = [assets.examples[i] for i in np.flatnonzero(labels != entry.index)]
-        rows = [
-            {"input_ids": encode_example(e, tokenizer, prompt_template="{instruction}\n", max_length=512)[0]}
-            for e in others
-        ]
-        torch.manual_seed(0)
-        reference = get_peft_model(AutoModelForCausalLM.from_pretrained(str(assets.llama)), lora_config())
-        moments = input_moments(reference, "default", rows, max_examples=len(rows))
-        moment_of = {name: m for group, m in zip(moments.groups, moments.sums, strict=True) for name in group}
-        report = osrm_init(reference, "default", moments, progress=False)
-        for key, a in lora_a(folder).items():
-            m = moment_of[key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")]
-            energy = float(torch.einsum("rd,de,re->", a.double(), m, a.double()))
-            smallest = float(torch.linalg.eigvalsh(m)[: a.shape[0]].sum())
-            assert energy == pytest.approx(smallest, rel=1e-4, abs=1e-9 * float(m.trace()))
+        moment_of, report, n_others = other_moments(assets, labels, entry.index)
+        assert_bottom_rows(folder, moment_of)
         osrm = entry.training["osrm"]
-        assert osrm["other_examples"] == len(others) == report.examples
+        assert osrm["other_examples"] == n_others == report.examples
         assert osrm["energy_ratio_mean"] == pytest.approx(report.energy_ratio_mean, rel=1e-4, abs=1e-6)
         assert osrm["energy_ratio_mean"] < 0.1 < 0.5 < osrm["replaced_energy_ratio_mean"]
 
@@ -137,6 +149,17 @@ def test_statistics_are_computed_once_and_reused(assets, tmp_path, monkeypatch):
     build(assets, tmp_path / "library", Untrained())
     assert sum(seen) == 2 * sum(SIZES)  # every example twice (total, own), not K - 1 times
     assert len(seen) == 1 + len(SIZES)
+
+
+def test_a_model_too_large_for_total_minus_own_initialises_each_cluster_directly(
+    assets, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(cluster_init_module, "MAX_MEMORY_GB", 1e-9)  # every module in its own pass
+    monkeypatch.setattr(cluster_init_module, "input_moments", None)  # the shortcut must not run
+    library = build(assets, tmp_path / "library", Untrained())
+    labels = np.load(library.path / library.manifest.assignments_file)
+    for entry, folder in zip(library.manifest.clusters, library.adapter_dirs, strict=True):
+        assert_bottom_rows(folder, other_moments(assets, labels, entry.index)[0])
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_adapters(built, assets, tmp_path):

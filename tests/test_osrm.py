@@ -235,6 +235,9 @@ BAD = {
     "max_examples": (planted_model, examples(), {"max_examples": 0}, "max_examples"),
     "batch_size": (planted_model, examples(), {"batch_size": 1.5}, "batch_size"),
     "freeze_a": (planted_model, examples(), {"freeze_a": "yes"}, "freeze_a"),
+    "max_memory_gb 0": (planted_model, examples(), {"max_memory_gb": 0}, "max_memory_gb"),
+    "max_memory_gb nan": (planted_model, examples(), {"max_memory_gb": float("nan")}, "max_memory_gb"),
+    "max_memory_gb str": (planted_model, examples(), {"max_memory_gb": "8"}, "max_memory_gb"),
 }
 
 

@@ -4,7 +4,9 @@ Every cluster contributes a seeded sample of at most ``osrm_examples`` examples,
 trainer encodes them (prompt + response). The input second moments of all samples together are
 computed once, at the first cluster that needs them; cluster ``k`` then only runs its own sample and
 takes ``total.minus(own)``: uncentred sums with token counts subtract exactly, so ``2K`` sample passes
-replace the ``K (K - 1)`` of initialising each cluster from scratch (``docs/design.md`` §11).
+replace the ``K (K - 1)`` of initialising each cluster from scratch (``docs/design.md`` §11). That
+holds three sets of statistics at once; when they would exceed ``MAX_MEMORY_GB`` (a 7B model), each
+cluster is initialised from the other samples directly instead, ``osrm_init`` working in passes.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..osrm import input_moments, osrm_init
+from ..osrm import input_moments, osrm_init, statistics_gb
 from .data import Example
 from .training import TrainingOptions, encode_example
 
 __all__ = ["ClusterOSRM"]
 
 logger = logging.getLogger(__name__)
+
+MAX_MEMORY_GB = 8.0  # statistics held at once (total, own, total minus own: three sets)
 
 
 class ClusterOSRM:
@@ -59,7 +63,7 @@ class ClusterOSRM:
         k = int(labels.max()) + 1
         if k < 2:
             raise ValueError("init='osrm' needs at least two clusters: the other clusters' examples.")
-        self.options, self.progress, self.total = options, progress, None
+        self.options, self.progress, self.total, self.direct = options, progress, None, None
         self.samples = []
         for index in range(k):
             members = np.flatnonzero(labels == index).tolist()
@@ -79,6 +83,7 @@ class ClusterOSRM:
             rows,
             max_examples=len(rows),
             batch_size=self.options.batch_size,
+            max_memory_gb=None,
             progress=self.progress,
         )
 
@@ -86,11 +91,26 @@ class ClusterOSRM:
     def __call__(self, peft_model, index: int) -> dict[str, Any]:
         """Initialises ``peft_model``'s active adapter for cluster ``index``; returns JSON-ready stats."""
         adapter = peft_model.active_adapter
-        if self.total is None:
-            every = [row for sample in self.samples for row in sample]
-            self.total = self._moments(peft_model, adapter, every)
-        others = self.total.minus(self._moments(peft_model, adapter, self.samples[index]))
-        report = osrm_init(peft_model, adapter, others, freeze_a=self.options.osrm_freeze_a)
+        if self.direct is None:
+            self.direct = 3 * statistics_gb(peft_model, adapter) > MAX_MEMORY_GB
+        if self.direct:
+            others = [row for k, sample in enumerate(self.samples) if k != index for row in sample]
+            report = osrm_init(
+                peft_model,
+                adapter,
+                others,
+                max_examples=len(others),
+                batch_size=self.options.batch_size,
+                freeze_a=self.options.osrm_freeze_a,
+                max_memory_gb=MAX_MEMORY_GB,
+                progress=self.progress,
+            )
+        else:
+            if self.total is None:
+                every = [row for sample in self.samples for row in sample]
+                self.total = self._moments(peft_model, adapter, every)
+            others = self.total.minus(self._moments(peft_model, adapter, self.samples[index]))
+            report = osrm_init(peft_model, adapter, others, freeze_a=self.options.osrm_freeze_a)
         logger.info("Cluster %d: OSRM init on %d other examples", index, report.examples)
         return {
             "init": "osrm",

@@ -72,13 +72,13 @@ def calibration_examples(tok, data: dict, k: int) -> list[dict]:
     return rows
 
 
-def merged_model(base):
+def merged_model(base, adapters: Path = ADAPTERS):
     """A PeftModel (on a copy of ``base``) holding the six adapters and their default cp merge ``"cp"``."""
     import merges
 
     import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
 
-    peft_model = merges.peft_model_with(base, {t: ADAPTERS / t for t in TASKS})
+    peft_model = merges.peft_model_with(base, {t: adapters / t for t in TASKS})
     start = time.perf_counter()
     peft_model.add_weighted_adapter(list(TASKS), [1 / len(TASKS)] * len(TASKS), MERGED, combination_type="cp")
     seconds = time.perf_counter() - start
@@ -119,14 +119,16 @@ def run_static(base, tok, data, items: int, out: Path = OUT) -> None:
     )
 
 
-def run_calibrated(base, tok, data, args, out: Path = OUT, saved: Path = CALIBRATED) -> None:
+def run_calibrated(
+    base, tok, data, args, out: Path = OUT, saved: Path = CALIBRATED, adapters: Path = ADAPTERS
+) -> None:
     from peft_cp_merge import calibrate
 
     name = setting_name(args)
     path = out / f"{name}.items{args.items}.test.json"
     if path.exists():
         return
-    peft_model, info = merged_model(base)
+    peft_model, info = merged_model(base, adapters)
     examples = calibration_examples(tok, data, args.k)
     report = calibrate(
         peft_model,

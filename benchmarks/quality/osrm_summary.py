@@ -1,0 +1,148 @@
+"""Summary of ``osrm_eval.py``: OSRM vs plain adapters, alone and merged, with paired bootstrap CIs.
+
+Normalised accuracy divides by the PLAIN individual adapters' accuracy on each task for both sets
+(one denominator), so an OSRM gain in it is a gain in accuracy, not a lower bar; the OSRM adapters'
+own ratio (merged / their own individual accuracy) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from osrm_eval import CALIBRATED, MERGE_SPECS, OUT, SETS, chosen_lam, val_means
+from osrm_train import OSRM_ADAPTERS
+from report import bootstrap_gap, data_fingerprint
+from run import environment
+from stages import lam_value
+from tasks import TASKS
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def individual(adapters: str) -> dict | None:
+    results = [_load(OUT / adapters / f"individual_{t}.test.json") for t in TASKS]
+    if any(r is None for r in results):
+        return None
+    return {
+        "accuracy": {t: r["accuracy"][t] for t, r in zip(TASKS, results, strict=True)},
+        "correct": {t: r["correct"][t] for t, r in zip(TASKS, results, strict=True)},
+    }
+
+
+def _calibrated_path(adapters: str) -> Path:
+    c = CALIBRATED
+    name = f"calibrated_k{c['k']}_s{c['steps']}_lr{c['lr']:g}_l2{c['l2']:g}_seed{c['seed']}"
+    return OUT / adapters / f"{name}.items{c['items']}.test.json"
+
+
+def merged(adapters: str, spec: str) -> dict | None:
+    """The test result of ``spec`` at its validation-chosen ``lam`` (or calibrated cp), or None."""
+    if spec == "calibrated_cp":
+        return _load(_calibrated_path(adapters))
+    if spec not in ("cat",) and val_means(adapters, spec) is None:
+        return None
+    lam = chosen_lam(adapters, spec)
+    return _load(OUT / adapters / f"{spec}.lam{lam_value(lam, len(TASKS)):.3f}.test.json")
+
+
+def describe(result: dict, plain: dict | None, own: dict | None) -> dict:
+    acc = result["accuracy"]
+    out = {"accuracy": acc, "mean_accuracy": sum(acc.values()) / len(TASKS)}
+    for key, ref in (("mean_normalised", plain), ("mean_normalised_own", own)):
+        if ref:
+            out[key] = sum(acc[t] / ref["accuracy"][t] for t in TASKS) / len(TASKS)
+    return out
+
+
+def _gap(a: dict, b: dict, plain: dict | None) -> dict:
+    ones = {t: [1] * len(a["correct"][t]) for t in TASKS}
+    out = {"mean_accuracy": bootstrap_gap(a["correct"], b["correct"], ones)}
+    if plain:
+        out["mean_normalised"] = bootstrap_gap(a["correct"], b["correct"], plain["correct"])
+    return out
+
+
+def best_static(adapters: str) -> str | None:
+    """The static merge with the best mean validation accuracy at its chosen ``lam`` (cat: not tuned)."""
+    scored = []
+    for spec in MERGE_SPECS:
+        means = val_means(adapters, spec) if spec != "cat" else None
+        if means and merged(adapters, spec):
+            scored.append((max(means.values()), spec))
+    return max(scored)[1] if scored else None
+
+
+def summary() -> dict:
+    plain_ind, osrm_ind = individual("plain"), individual("osrm")
+    own = {"plain": plain_ind, "osrm": osrm_ind}
+    out: dict = {"individual": {}, "merges": {}, "gaps": {}}
+    for adapters, ind in own.items():
+        if ind:
+            out["individual"][adapters] = {
+                "accuracy": ind["accuracy"],
+                "mean_accuracy": sum(ind["accuracy"].values()) / len(TASKS),
+            }
+    if plain_ind and osrm_ind:
+        out["gaps"]["individual osrm - plain"] = _gap(osrm_ind, plain_ind, None)
+    for spec in (*MERGE_SPECS, "calibrated_cp"):
+        for adapters in SETS:
+            result = merged(adapters, spec)
+            if result is None:
+                continue
+            entry = describe(result, plain_ind, own[adapters])
+            entry["lam"] = result.get("lam")
+            means = val_means(adapters, spec) if spec not in ("cat", "calibrated_cp") else None
+            if means:
+                entry["validation_means"] = {str(k): v for k, v in means.items()}
+            out["merges"][f"{adapters}: {spec}"] = entry
+        a, b = merged("osrm", spec), merged("plain", spec)
+        if a and b:
+            out["gaps"][f"{spec}: osrm - plain"] = _gap(a, b, plain_ind)
+    best = {adapters: best_static(adapters) for adapters in SETS}
+    out["best_static_by_validation"] = best
+    if all(best.values()):
+        out["gaps"]["best static: osrm - plain"] = _gap(
+            merged("osrm", best["osrm"]), merged("plain", best["plain"]), plain_ind
+        )
+    out["osrm_training"] = {
+        t: json.loads((OSRM_ADAPTERS / t / "train_record.json").read_text())
+        for t in TASKS
+        if (OSRM_ADAPTERS / t / "train_record.json").exists()
+    }
+    out["environment"] = environment()
+    out["data"] = data_fingerprint()
+    return out
+
+
+def _fmt_gap(g: dict) -> str:
+    lo, hi = g["ci95"]
+    return f"{g['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def markdown(result: dict) -> str:
+    header = ["adapters", "merge", "lam (val)", *TASKS, "mean acc.", "mean norm.", "own norm."]
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|---" * (len(TASKS) + 6) + "|")
+    for adapters, ind in result["individual"].items():
+        accs = " | ".join(f"{ind['accuracy'][t]:.2f}" for t in TASKS)
+        lines.append(f"| {adapters} | individual | | {accs} | {ind['mean_accuracy']:.3f} | | |")
+    for name, entry in result["merges"].items():
+        adapters, spec = name.split(": ")
+        accs = " | ".join(f"{entry['accuracy'][t]:.2f}" for t in TASKS)
+        lam = entry.get("lam")
+        lam = "" if lam is None else (lam if isinstance(lam, str) else f"{lam:g}")
+        scores = [
+            entry["mean_accuracy"],
+            *(entry.get(k, float("nan")) for k in ("mean_normalised", "mean_normalised_own")),
+        ]
+        lines.append(
+            f"| {adapters} | {spec} | {lam} | {accs} | " + " | ".join(f"{x:.3f}" for x in scores) + " |"
+        )
+    lines += ["", "| comparison | mean normalised (plain denominators) | mean accuracy |", "|---|---|---|"]
+    for name, gaps in result["gaps"].items():
+        norm = _fmt_gap(gaps["mean_normalised"]) if "mean_normalised" in gaps else ""
+        lines.append(f"| {name} | {norm} | {_fmt_gap(gaps['mean_accuracy'])} |")
+    return "\n".join(lines)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fewshot_summary import gap
 from osrm_eval import CALIBRATED, MERGE_SPECS, OUT, SETS, chosen_lam, val_means
 from osrm_train import OSRM_ADAPTERS
-from report import bootstrap_gap, data_fingerprint
+from report import data_fingerprint
 from run import environment
 from stages import lam_value
 from tasks import TASKS
@@ -57,14 +58,6 @@ def describe(result: dict, plain: dict | None, own: dict | None) -> dict:
     return out
 
 
-def _gap(a: dict, b: dict, plain: dict | None) -> dict:
-    ones = {t: [1] * len(a["correct"][t]) for t in TASKS}
-    out = {"mean_accuracy": bootstrap_gap(a["correct"], b["correct"], ones)}
-    if plain:
-        out["mean_normalised"] = bootstrap_gap(a["correct"], b["correct"], plain["correct"])
-    return out
-
-
 def best_static(adapters: str) -> str | None:
     """The static merge with the best mean validation accuracy at its chosen ``lam`` (cat: not tuned)."""
     scored = []
@@ -86,7 +79,7 @@ def summary() -> dict:
                 "mean_accuracy": sum(ind["accuracy"].values()) / len(TASKS),
             }
     if plain_ind and osrm_ind:
-        out["gaps"]["individual osrm - plain"] = _gap(osrm_ind, plain_ind, None)
+        out["gaps"]["individual osrm - plain"] = gap(osrm_ind, plain_ind, None)
     for spec in (*MERGE_SPECS, "calibrated_cp"):
         for adapters in SETS:
             result = merged(adapters, spec)
@@ -100,11 +93,11 @@ def summary() -> dict:
             out["merges"][f"{adapters}: {spec}"] = entry
         a, b = merged("osrm", spec), merged("plain", spec)
         if a and b:
-            out["gaps"][f"{spec}: osrm - plain"] = _gap(a, b, plain_ind)
+            out["gaps"][f"{spec}: osrm - plain"] = gap(a, b, plain_ind)
     best = {adapters: best_static(adapters) for adapters in SETS}
     out["best_static_by_validation"] = best
     if all(best.values()):
-        out["gaps"]["best static: osrm - plain"] = _gap(
+        out["gaps"]["best static: osrm - plain"] = gap(
             merged("osrm", best["osrm"]), merged("plain", best["plain"]), plain_ind
         )
     out["osrm_training"] = {
@@ -117,7 +110,7 @@ def summary() -> dict:
     return out
 
 
-def _fmt_gap(g: dict) -> str:
+def _fmtgap(g: dict) -> str:
     lo, hi = g["ci95"]
     return f"{g['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
@@ -143,6 +136,6 @@ def markdown(result: dict) -> str:
         )
     lines += ["", "| comparison | mean normalised (plain denominators) | mean accuracy |", "|---|---|---|"]
     for name, gaps in result["gaps"].items():
-        norm = _fmt_gap(gaps["mean_normalised"]) if "mean_normalised" in gaps else ""
-        lines.append(f"| {name} | {norm} | {_fmt_gap(gaps['mean_accuracy'])} |")
+        norm = _fmtgap(gaps["mean_normalised"]) if "mean_normalised" in gaps else ""
+        lines.append(f"| {name} | {norm} | {_fmtgap(gaps['mean_accuracy'])} |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +35,12 @@ from tqdm.auto import tqdm
 
 from .input_checks import check_device, check_factor_values, check_lora_config
 from .peft_binding import _lora_model
+from .token_examples import IGNORE_INDEX, padded_batches, token_rows
 
 __all__ = ["CalibrationReport", "calibrate"]
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value the loss skips (Hugging Face convention)
 _KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -177,49 +177,10 @@ def _cp_layers(lora_model, adapter_name: str) -> dict[str, tuple[nn.Module, str]
 
 
 def _as_examples(examples, max_length: int | None, vocab: int | None) -> list[dict[str, Tensor]]:
-    """One dict of 1-D int64 CPU tensors per example; a DataLoader's batches are split into rows."""
-    if isinstance(examples, Mapping) or not isinstance(examples, Iterable):
-        raise ValueError(
-            f"examples must be an iterable of dicts or a DataLoader, got {type(examples).__name__}"
-        )
-    is_loader = isinstance(examples, torch.utils.data.DataLoader)
-    rows: list[dict[str, Tensor]] = []
-    for index, item in enumerate(examples):
-        where = f"{'Batch' if is_loader else 'Example'} {index}"
-        if not isinstance(item, Mapping) or "input_ids" not in item or "labels" not in item:
-            raise ValueError(f"{where} must be a dict with {list(_KEYS)}, got {item!r:.80}")
-        fields = {k: torch.as_tensor(item[k]) for k in _KEYS if k in item}
-        if "attention_mask" not in fields:
-            fields["attention_mask"] = torch.ones_like(fields["input_ids"])
-        ndim = 2 if is_loader else 1
-        shapes = {k: tuple(v.shape) for k, v in fields.items()}
-        if any(v.ndim != ndim for v in fields.values()) or len(set(shapes.values())) != 1:
-            raise ValueError(f"{where}: {list(_KEYS)} must be {ndim}-D of one shape, got {shapes}")
-        if any(v.is_floating_point() or v.is_complex() for v in fields.values()):
-            raise ValueError(f"{where}: {list(_KEYS)} must hold integers")
-        fields = {k: v.to("cpu", torch.long) for k, v in fields.items()}
-        if is_loader:
-            rows += [dict(zip(fields, row, strict=True)) for row in zip(*fields.values(), strict=True)]
-        else:
-            rows.append(fields)
-    if not rows:
-        raise ValueError("examples is empty; calibration needs at least one example")
-    for i, row in enumerate(rows):
-        ids, mask, labels = row["input_ids"], row["attention_mask"], row["labels"]
-        if ids.numel() == 0 or (max_length is not None and ids.numel() > max_length):
-            raise ValueError(
-                f"Example {i} has {ids.numel()} tokens; the model takes 1 to {max_length} "
-                "(config.max_position_embeddings)"
-            )
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"Example {i}: attention_mask must hold 0 and 1 only")
-        bad = (ids < 0) | (labels < IGNORE_INDEX) | ((labels < 0) & (labels != IGNORE_INDEX))
-        if vocab is not None:
-            bad |= (ids >= vocab) | (labels >= vocab)
-        if bool(bad.any()):
-            raise ValueError(
-                f"Example {i} has ids or labels outside [0, {vocab}) (labels may also be {IGNORE_INDEX})"
-            )
+    """One dict of 1-D int64 CPU tensors per example, checked (``token_rows``), each with a label."""
+    rows = token_rows(
+        examples, name="examples", keys=("input_ids", "labels"), max_length=max_length, vocab=vocab
+    )
     empty = [i for i, row in enumerate(rows) if bool((row["labels"] == IGNORE_INDEX).all())]
     if len(empty) == len(rows):
         raise ValueError(f"Every label of every example is {IGNORE_INDEX}: there is nothing to calibrate on")
@@ -230,17 +191,8 @@ def _as_examples(examples, max_length: int | None, vocab: int | None) -> list[di
 
 def _batches(rows, order: Tensor, batch_size: int, pad_id: int, device) -> list[dict[str, Tensor]]:
     """Right-padded batches of ``rows[order]`` (pad: ``pad_id``, mask 0, label ``IGNORE_INDEX``)."""
-    out = []
-    for start in range(0, len(order), batch_size):
-        chunk = [rows[i] for i in order[start : start + batch_size].tolist()]
-        length = max(row["input_ids"].numel() for row in chunk)
-        batch = {}
-        for key, fill in zip(_KEYS, (pad_id, 0, IGNORE_INDEX), strict=True):
-            batch[key] = torch.full((len(chunk), length), fill, dtype=torch.long)
-            for j, row in enumerate(chunk):
-                batch[key][j, : row[key].numel()] = row[key]
-        out.append({k: v.to(device) for k, v in batch.items()})
-    return out
+    fills = dict(zip(_KEYS, (pad_id, 0, IGNORE_INDEX), strict=True))
+    return list(padded_batches(rows, order.tolist(), batch_size, fills, device))
 
 
 def _loss(model, batch) -> Tensor:

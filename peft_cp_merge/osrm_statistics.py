@@ -14,13 +14,15 @@ modules into passes whose statistics fit a memory budget.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .token_examples import padded_batches, token_rows
 
 __all__ = [
     "FLOAT64_MAX_DIM",
@@ -98,55 +100,20 @@ class InputMoments:
 
 def example_rows(examples, max_examples: int, vocab, max_length) -> list[tuple[Tensor, Tensor]]:
     """``(input_ids, attention_mask)`` 1-D int64 CPU rows of the first ``max_examples`` examples."""
-    if isinstance(examples, Mapping | str | bytes) or not isinstance(examples, Iterable):
-        raise ValueError(
-            f"other_examples must be an iterable of dicts or a DataLoader, got {type(examples).__name__}"
-        )
-    is_loader = isinstance(examples, torch.utils.data.DataLoader)
-    rows: list[tuple[Tensor, Tensor]] = []
-    for index, item in enumerate(examples):
-        if len(rows) >= max_examples:
-            break
-        where = f"{'Batch' if is_loader else 'Example'} {index}"
-        if not isinstance(item, Mapping) or "input_ids" not in item:
-            raise ValueError(
-                f"{where} must be a dict with 'input_ids' (and 'attention_mask'), got {item!r:.80}"
-            )
-        ids = torch.as_tensor(item["input_ids"])
-        mask = torch.as_tensor(item["attention_mask"]) if "attention_mask" in item else torch.ones_like(ids)
-        ndim = 2 if is_loader else 1
-        if ids.ndim != ndim or ids.shape != mask.shape:
-            raise ValueError(f"{where}: input_ids and attention_mask must be {ndim}-D of one shape")
-        if any(v.is_floating_point() or v.is_complex() for v in (ids, mask)):
-            raise ValueError(f"{where}: input_ids and attention_mask must hold integers")
-        pairs = zip(ids, mask, strict=True) if is_loader else [(ids, mask)]
-        rows += [(i.to("cpu", torch.long), m.to("cpu", torch.long)) for i, m in pairs]
-    rows = rows[:max_examples]
-    if not rows:
-        raise ValueError("other_examples is empty: OSRM needs examples of the other tasks")
-    for i, (ids, mask) in enumerate(rows):
-        if ids.numel() == 0 or (max_length is not None and ids.numel() > max_length):
-            raise ValueError(f"Example {i} has {ids.numel()} tokens; the model takes 1 to {max_length}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"Example {i}: attention_mask must hold 0 and 1 only")
-        if bool((ids < 0).any()) or (vocab is not None and bool((ids >= vocab).any())):
-            raise ValueError(f"Example {i} has input_ids outside [0, {vocab})")
-    if not any(bool(mask.any()) for _, mask in rows):
+    rows = token_rows(
+        examples, name="other_examples", max_examples=max_examples, max_length=max_length, vocab=vocab
+    )
+    if not any(bool(row["attention_mask"].any()) for row in rows):
         raise ValueError("Every attention_mask of other_examples is 0: there is no token to learn from")
-    return rows
+    return [(row["input_ids"], row["attention_mask"]) for row in rows]
 
 
 def _batches(rows, batch_size: int, device) -> Iterator[tuple[Tensor, Tensor]]:
     """Right-padded ``(input_ids, attention_mask)`` batches, rows sorted by length (less padding)."""
     order = sorted(range(len(rows)), key=lambda i: rows[i][0].numel())
-    for start in range(0, len(order), batch_size):
-        chunk = [rows[i] for i in order[start : start + batch_size]]
-        length = max(ids.numel() for ids, _ in chunk)
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        for j, (row_ids, row_mask) in enumerate(chunk):
-            ids[j, : row_ids.numel()], mask[j, : row_ids.numel()] = row_ids, row_mask
-        yield ids.to(device), mask.to(device)
+    as_dicts = [{"input_ids": ids, "attention_mask": mask} for ids, mask in rows]
+    for batch in padded_batches(as_dicts, order, batch_size, {"input_ids": 0, "attention_mask": 0}, device):
+        yield batch["input_ids"], batch["attention_mask"]
 
 
 @contextlib.contextmanager

@@ -196,6 +196,8 @@ def add_cp_weighted_adapter(
     tol: float = 1e-5,
     l2: float = 0.0,
     seed: int = 0,
+    line_search: bool = True,
+    whiten: bool = False,
     device: torch.device | str | None = None,
     progress: bool | None = None,
     calibration: Iterable | None = None,
@@ -222,6 +224,9 @@ def add_cp_weighted_adapter(
         tol: ALS stopping tolerance on the change of relative error.
         l2: Relative ridge term of the ALS normal equations.
         seed: Seed of every random number used.
+        line_search: Extrapolate after each ALS sweep (Bro's line search); ``False``: plain ALS.
+        whiten: Replace the CP factors ``U``, ``V`` by their polar factors before the gains are
+            applied (TSV-style decorrelation), see :mod:`peft_cp_merge.methods.cp`.
         device: Where to compute (default: where the first adapter's weights are).
         progress: Progress bars: ``None`` shows them on a terminal only.
         calibration: Optional examples (dicts with ``input_ids``, ``attention_mask``, ``labels``, or a
@@ -250,7 +255,16 @@ def add_cp_weighted_adapter(
     start = time.perf_counter()
     lora_model = _lora_model(model)
     weights = _validate(lora_model, adapters, weights, adapter_name)
-    options = CPOptions(aggregation=aggregation, init=init, n_iter_max=n_iter_max, tol=tol, l2=l2, seed=seed)
+    options = CPOptions(
+        aggregation=aggregation,
+        init=init,
+        n_iter_max=n_iter_max,
+        tol=tol,
+        l2=l2,
+        seed=seed,
+        line_search=line_search,
+        whiten=whiten,
+    )
     if rank is not None:
         check_rank(rank)
     device = check_device(device)

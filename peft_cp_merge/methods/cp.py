@@ -11,6 +11,14 @@ delta is ``dW = sum_r g_r u_r v_r^T`` with per-component gains ``g_r`` from the 
   ``|w_i c_ir|``, and average them: a component used by one adapter keeps its full strength,
   a shared one is not counted N times.
 
+With ``CPOptions(whiten=True)`` (TSV's decorrelation in the CP basis) ``U = [u_1 ... u_R]`` and
+``V = [v_1 ... v_R]`` (unit columns, canonical form) are replaced by their polar factors, the nearest
+matrices with orthonormal columns, before the same gains are applied:
+``dW = polar(U) diag(g) polar(V)^T``. Components that share directions then stop adding up in them
+(two equal-gain components at cosine ``c`` on both sides: singular values ``g, g`` instead of
+``g (1 + c), g (1 - c)``); already orthogonal components are unchanged. It runs on the core-space
+factors, whose lifts are the same up to the orthonormal bases.
+
 The merged adapter has rank ``R``: ``lora_B = U diag(sqrt|g|)``, ``lora_A = diag(sign(g) sqrt|g|) V^T``
 and scaling 1 (``r = lora_alpha = R``). The maths and the measurements behind the defaults:
 ``docs/design.md`` sections 3, 4 and 9.
@@ -31,6 +39,7 @@ from ..engine.als import CPResult, canonicalize, check_options, check_rank, cp_a
 from ..engine.compression import CompressedLora, LoraCore, LoraStack, compress_many, lift
 from ..engine.starts import INITS
 from .base import MergedLora, MergeMethod, pad_rank, stack_weights, weighted_sum_error
+from .core_space import polar
 
 __all__ = [
     "AGGREGATIONS",
@@ -93,6 +102,10 @@ class CPOptions:
     line_search: bool = field(
         default=True, metadata={"help": "extrapolate after each ALS sweep (Bro's line search)"}
     )
+    whiten: bool = field(
+        default=False,
+        metadata={"help": "replace the CP factors U, V by their polar factors (TSV-style decorrelation)"},
+    )
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -102,6 +115,8 @@ class CPOptions:
         check_options(
             1, self.init, self.n_iter_max, self.tol, self.l2, self.seed, line_search=self.line_search
         )
+        if not isinstance(self.whiten, bool):
+            raise ValueError(f"whiten must be True or False, got {self.whiten!r}")
 
 
 def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, aggregation: str) -> Tensor:
@@ -116,6 +131,20 @@ def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, ag
     )
     gains = aggregate_loadings(weights, c, merge_weights, aggregation)
     return weighted_sum_error((a * gains[:, None, :]) @ b.mT, core, merge_weights)
+
+
+def _whitened(result: CPResult, merge_weights: Tensor, aggregation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Core-space ``(polar(U), polar(V), g)`` of a batch of fits, float64 (``whiten=True``).
+
+    ``U``, ``V`` in canonical form (unit columns, the product of all column norms and ALS's weight in
+    ``lambda_r``), so ``g_r`` is the unwhitened gain: ``lambda_r`` times the aggregated loading.
+    The polar factor is equivariant under column signs and order, so these choices do not matter.
+    """
+    weights, (a, b, c) = canonicalize(
+        result.weights.to(torch.float64), tuple(f.to(torch.float64) for f in result.factors)
+    )
+    gains = aggregate_loadings(weights, c, merge_weights, aggregation)
+    return torch.stack([polar(x) for x in a]), torch.stack([polar(x) for x in b]), gains
 
 
 def aggregate_loadings(weights: Tensor, loadings: Tensor, merge_weights: Tensor, aggregation: str) -> Tensor:
@@ -228,7 +257,13 @@ def merge_modules(
                 options.n_iter_max,
             )
         weights_batch = torch.stack([merge_weights[name] for name in names]).to(compressed.core.left.device)
-        rel_errors = _core_rel_errors(compressed.core, result, weights_batch, aggregation)
+        whitened = None
+        if options.whiten:
+            whitened = _whitened(result, weights_batch, aggregation)
+            delta = (whitened[0] * whitened[2][:, None, :]) @ whitened[1].mT
+            rel_errors = weighted_sum_error(delta, compressed.core, weights_batch)
+        else:
+            rel_errors = _core_rel_errors(compressed.core, result, weights_batch, aggregation)
         for index, name in enumerate(names):
             merged[name] = _lift_module(
                 group[index],
@@ -240,6 +275,7 @@ def merge_modules(
                 aggregation,
                 rank,
                 float(rel_errors[index]),
+                whitened,
             )
             bar.update(1)
     bar.close()
@@ -261,16 +297,31 @@ def _lift_module(
     aggregation: str,
     rank: int,
     rel_error: float,
+    whitened: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> MergedLora:
-    """Lift one module's core-space factors and turn loadings into its merged A and B."""
+    """Lift one module's core-space factors and turn loadings into its merged A and B.
+
+    ``whitened``: the batch's core-space ``(polar(U), polar(V), g)`` (:func:`_whitened`), lifted instead.
+    """
     here = slice(index, index + 1)
-    factors = (
-        lift(result.factors[0][here], stack.cat_B(), compressed.basis_B[here], out_dtype=torch.float64),
-        lift(result.factors[1][here], stack.cat_A().mT, compressed.basis_A[here], out_dtype=torch.float64),
-        result.factors[2][here].to(torch.float64),
+    cat_B, cat_At, basis_B, basis_A = (
+        stack.cat_B(),
+        stack.cat_A().mT,
+        compressed.basis_B[here],
+        compressed.basis_A[here],
     )
-    cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
-    gains = aggregate_loadings(cp_weights, c, merge_weights[None].to(c.device), aggregation)[0]
+    if whitened is not None:
+        u = lift(whitened[0][here], cat_B, basis_B, out_dtype=torch.float64)
+        v = lift(whitened[1][here], cat_At, basis_A, out_dtype=torch.float64)
+        gains = whitened[2][index]
+    else:
+        factors = (
+            lift(result.factors[0][here], cat_B, basis_B, out_dtype=torch.float64),
+            lift(result.factors[1][here], cat_At, basis_A, out_dtype=torch.float64),
+            result.factors[2][here].to(torch.float64),
+        )
+        cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
+        gains = aggregate_loadings(cp_weights, c, merge_weights[None].to(c.device), aggregation)[0]
     lora_A, lora_B = _split_gains(u[0], v[0], gains)
     home, out_dtype = original.lora_A[0].device, original.lora_A[0].dtype
     merged = MergedLora(

@@ -172,16 +172,15 @@ def peft_merge(
     return out
 
 
-def check_homogeneous(
-    peft_model, names: list[str], deltas_w1: Deltas, *, rank: int, aggregation: str
-) -> float:
-    """Max relative difference between cp with weights 0.5 and 0.5 * (cp with weights 1), one module."""
+def check_homogeneous(peft_model, names: list[str], deltas_w1: Deltas, **cp_kwargs) -> float:
+    """Max relative difference between cp with weights 0.5 and 0.5 * (cp with weights 1), one module.
+
+    ``cp_kwargs``: the ``cp_*`` keywords of the merge being checked (``cp_rank``, ``cp_aggregation``, ...).
+    """
     from peft.tuners.lora import LoraLayer
 
     merged = "bench_check"
-    peft_model.add_weighted_adapter(
-        names, [0.5] * len(names), merged, combination_type="cp", cp_rank=rank, cp_aggregation=aggregation
-    )
+    peft_model.add_weighted_adapter(names, [0.5] * len(names), merged, combination_type="cp", **cp_kwargs)
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and merged in module.lora_A:
             key = name.removeprefix("base_model.model.")

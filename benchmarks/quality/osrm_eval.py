@@ -57,7 +57,7 @@ from train import ADAPTERS, load_lora_deltas, load_lora_factors  # noqa: E402
 OUT = EVALS / "osrm"
 SUMMARY = HERE / "results" / "osrm.json"
 SETS = {"plain": ADAPTERS, "osrm": OSRM_ADAPTERS}
-MERGE_SPECS = ("cat", "cp_weighted_r16", "tsv_r48", "knots_ties")
+MERGE_SPECS = ("cat", "cp_weighted_r16", "tsv_r48", "knots_ties", "cp_whiten_r16")
 FIXED_LAM = {"cat": "1/N"}  # the mean: not tuned
 CALIBRATED = {"k": 32, "steps": 120, "lr": 0.05, "l2": 0.0, "seed": 0, "items": 100}
 # Identical evaluations of the plain set computed for issue 12 (same adapters, merge, items, harness).

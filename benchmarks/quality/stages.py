@@ -55,6 +55,13 @@ SPECS = (  # in priority order: the stage runs them in this order
     Spec("authors_cp_r4", "authors", ("1/N", 0.3, 0.5)),  # 0 at every lam of the first grid: not widened
     Spec("cp_disjoint_r8", "cp", DISJOINT_GRID, {"cp_rank": 8, "cp_aggregation": "disjoint"}),
     Spec("cp_disjoint_r32", "cp", DISJOINT_GRID, {"cp_rank": 32, "cp_aggregation": "disjoint"}),
+    # Whitened CP (issue 11): polar factors of U, V keep every component at full strength, as TSV does.
+    Spec(
+        "cp_whiten_r16",
+        "cp",
+        DISJOINT_GRID,
+        {"cp_rank": 16, "cp_aggregation": "weighted", "cp_whiten": True},
+    ),
     Spec("svd_r32", "core", SUM_GRID, {"method": "svd", "rank": 32}),
     Spec("peft_ties", "peft", DISJOINT_GRID, {"combination_type": "ties", "density": 0.5}),
     Spec("peft_ties_svd", "peft", DISJOINT_GRID, {"combination_type": "ties_svd", "density": 0.5}),
@@ -184,9 +191,7 @@ def _compute(spec: Spec, factors, base, dirs: dict[str, Path], cache: dict) -> t
     if spec.kind == "cp":
         deltas, secs = merges.timed(merges.peft_merge, peft_model, names, "cp", weights, **params)
         if weights is None:
-            extra["homogeneity_rel_diff"] = merges.check_homogeneous(
-                peft_model, names, deltas, rank=params["cp_rank"], aggregation=params["cp_aggregation"]
-            )
+            extra["homogeneity_rel_diff"] = merges.check_homogeneous(peft_model, names, deltas, **params)
         return deltas, secs, extra
     deltas, secs = merges.timed(merges.peft_merge, peft_model, names, **params)
     return deltas, secs, extra

@@ -71,7 +71,7 @@ def _add_merge_parser(subparsers) -> None:
             "PeftModel.from_pretrained(base, OUT_DIR) loads it."
         ),
         epilog=(
-            "methods:\n" + "".join(f"  {m.name:<4} {m.help}\n" for m in METHODS.values()) + "\nexamples:\n"
+            "methods:\n" + "".join(f"  {m.name:<7} {m.help}\n" for m in METHODS.values()) + "\nexamples:\n"
             "  peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/\n"
             "  peft-cp-merge merge a/ b/ c/ --weights .5 .3 .2 --method cat --out cat/ --dry-run\n"
             "  peft-cp-merge merge --library library/ --rank 16 --out merged/"
@@ -82,7 +82,8 @@ def _add_merge_parser(subparsers) -> None:
         "--library",
         metavar="LIB_DIR",
         help="merge the cluster adapters of a library from build-library instead (default weights: "
-        "cluster sizes / total; default rank: min(2 max r, sum r) for cp, max r for svd/tsv)",
+        "cluster sizes / total; default rank: min(2 max r, sum r) for cp, max r for svd/tsv, "
+        "sum r for iso_c/iso_cts)",
     )
     parser.add_argument(
         "--weights",

@@ -313,7 +313,8 @@ def _provenance(result: MergeResult, *, device: str, options: object) -> dict:
 _REL_ERROR_MEANING = (
     "rel_error: ||merged delta - sum_i w_i dW_i||_F / ||sum_i w_i dW_i||_F per module, the distance to "
     "the exact weighted sum (method cat); fit_error: the method's own fit (cp: CP fit of the stacked "
-    "deltas; svd, tsv: share dropped by the rank truncation); n_iter, converged: CP-ALS sweeps (cp only)"
+    "deltas; svd, tsv: share dropped by the rank truncation; iso_c, iso_cts: share of the weighted sum "
+    "outside the merged subspaces); n_iter, converged: CP-ALS sweeps (cp only)"
 )
 
 

@@ -8,7 +8,7 @@ module here plus its tests (see ``CONTRIBUTING.md``).
 
 Example:
     >>> sorted(METHODS)
-    ['cat', 'cp', 'svd', 'tsv']
+    ['cat', 'cp', 'iso_c', 'iso_cts', 'svd', 'tsv']
     >>> get_method("svd").default_rank([8, 4])
     8
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from . import cat, cp, svd, tsv
+from . import cat, cp, iso_c, iso_cts, svd, tsv
 from .base import MergedLora, MergeMethod, NoOptions
 from .cp import CPOptions, merge_modules
 
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 METHODS: Mapping[str, MergeMethod] = MappingProxyType(
-    {module.METHOD.name: module.METHOD for module in (cp, cat, svd, tsv)}
+    {module.METHOD.name: module.METHOD for module in (cp, cat, svd, tsv, iso_c, iso_cts)}
 )
 
 

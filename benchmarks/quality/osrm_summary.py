@@ -86,7 +86,7 @@ def summary() -> dict:
             if result is None:
                 continue
             entry = describe(result, plain_ind, own[adapters])
-            entry["lam"] = result.get("lam")
+            entry["lam"] = None if spec == "calibrated_cp" else str(chosen_lam(adapters, spec))
             means = val_means(adapters, spec) if spec not in ("cat", "calibrated_cp") else None
             if means:
                 entry["validation_means"] = {str(k): v for k, v in means.items()}
@@ -125,8 +125,7 @@ def markdown(result: dict) -> str:
     for name, entry in result["merges"].items():
         adapters, spec = name.split(": ")
         accs = " | ".join(f"{entry['accuracy'][t]:.2f}" for t in TASKS)
-        lam = entry.get("lam")
-        lam = "" if lam is None else (lam if isinstance(lam, str) else f"{lam:g}")
+        lam = entry.get("lam") or ""
         scores = [
             entry["mean_accuracy"],
             *(entry.get(k, float("nan")) for k in ("mean_normalised", "mean_normalised_own")),
@@ -134,6 +133,14 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {adapters} | {spec} | {lam} | {accs} | " + " | ".join(f"{x:.3f}" for x in scores) + " |"
         )
+    lams = ("0.1", "1/N", "0.3", "0.5", "0.75", "1.0", "1.5")
+    lines += ["", "| validation mean accuracy | " + " | ".join(lams) + " |", "|---" * (len(lams) + 1) + "|"]
+    for name, entry in result["merges"].items():
+        means = entry.get("validation_means")
+        if means:
+            cells = [f"{means[lam]:.3f}" if lam in means else "" for lam in lams]
+            cells = [f"**{c}**" if lam == entry["lam"] else c for c, lam in zip(cells, lams, strict=True)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| comparison | mean normalised (plain denominators) | mean accuracy |", "|---|---|---|"]
     for name, gaps in result["gaps"].items():
         norm = _fmtgap(gaps["mean_normalised"]) if "mean_normalised" in gaps else ""

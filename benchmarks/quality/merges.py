@@ -48,8 +48,10 @@ def _from_merged(merged) -> Deltas:
 def merge_core_baseline(
     factors: Factors, method: str, *, rank: int | None = None, weights: list[float] | None = None
 ) -> Deltas:
-    """``cat``, ``svd`` or ``tsv`` from ``peft_cp_merge.methods`` (exact, in the compressed core)."""
+    """A core-space merge of ``peft_cp_merge.methods`` (cat, svd, tsv, iso_c, iso_cts): exact."""
     from peft_cp_merge.methods.cat import merge_cat
+    from peft_cp_merge.methods.iso_c import merge_iso_c
+    from peft_cp_merge.methods.iso_cts import merge_iso_cts
     from peft_cp_merge.methods.svd import merge_svd
     from peft_cp_merge.methods.tsv import merge_tsv
 
@@ -62,8 +64,12 @@ def merge_core_baseline(
             merged = merge_svd(stack, merge_weights, rank=rank)
         elif method == "tsv":
             merged = merge_tsv(stack, merge_weights, rank=rank)
+        elif method == "iso_c":
+            merged = merge_iso_c(stack, merge_weights, rank=rank)
+        elif method == "iso_cts":
+            merged = merge_iso_cts(stack, merge_weights, rank=rank)
         else:
-            raise ValueError(f"Unknown core baseline {method!r}; expected cat, svd or tsv")
+            raise ValueError(f"Unknown core baseline {method!r}; expected cat, svd, tsv, iso_c or iso_cts")
         out[module] = merged
     return _from_merged(out)
 

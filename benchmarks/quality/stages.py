@@ -31,6 +31,7 @@ log = logging.getLogger("quality")
 # ("1/N", 0.3, 0.5, 1.0); its best values sat on the edges, so both grids were widened.
 SUM_GRID = (0.1, "1/N", 0.3, 0.5, 0.75)  # methods whose merge is ~ the sum of the deltas
 DISJOINT_GRID = (0.1, "1/N", 0.3, 0.5, 0.75, 1.0, 1.5)  # keep an adapter's component at full strength
+ISO_GRID = (*DISJOINT_GRID, 2.0, 3.0)  # flat spectra: the paper tunes its alpha up to about 3
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ SPECS = (  # in priority order: the stage runs them in this order
         {"cp_rank": 16, "cp_aggregation": "weighted", "cp_whiten": True},
     ),
     Spec("svd_r32", "core", SUM_GRID, {"method": "svd", "rank": 32}),
+    # Isotropic merging (issue 11): flat spectra keep weak directions at full strength.
+    Spec("iso_c_r48", "core", ISO_GRID, {"method": "iso_c", "rank": 48}),
+    Spec("iso_cts_r48", "core", ISO_GRID, {"method": "iso_cts", "rank": 48}),
     Spec("peft_ties", "peft", DISJOINT_GRID, {"combination_type": "ties", "density": 0.5}),
     Spec("peft_ties_svd", "peft", DISJOINT_GRID, {"combination_type": "ties_svd", "density": 0.5}),
     # Libraries only: base weights N * size_i / sum(size) (lam = 1/N gives size-proportional weights,

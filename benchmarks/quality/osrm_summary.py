@@ -133,7 +133,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {adapters} | {spec} | {lam} | {accs} | " + " | ".join(f"{x:.3f}" for x in scores) + " |"
         )
-    lams = ("0.1", "1/N", "0.3", "0.5", "0.75", "1.0", "1.5")
+    lams = ("0.05", "0.1", "1/N", "0.3", "0.5", "0.75", "1.0", "1.5", "2.0", "3.0")
     lines += ["", "| validation mean accuracy | " + " | ".join(lams) + " |", "|---" * (len(lams) + 1) + "|"]
     for name, entry in result["merges"].items():
         means = entry.get("validation_means")

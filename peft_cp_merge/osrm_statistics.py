@@ -83,6 +83,18 @@ class InputMoments:
     tokens: tuple[int, ...]
     examples: int
 
+    def plus(self, other: InputMoments) -> InputMoments:
+        """The moments of the examples of ``self`` and of ``other`` together (disjoint sets of examples).
+
+        Raises:
+            ValueError: For other groups.
+        """
+        if other.groups != self.groups:
+            raise ValueError(f"Cannot add moments of groups {other.groups} to {self.groups}")
+        sums = tuple(a + b for a, b in zip(self.sums, other.sums, strict=True))
+        tokens = tuple(a + b for a, b in zip(self.tokens, other.tokens, strict=True))
+        return InputMoments(self.groups, sums, tokens, self.examples + other.examples)
+
     def minus(self, other: InputMoments) -> InputMoments:
         """The moments of the examples in ``self`` but not in ``other`` (``other`` a subset of them).
 

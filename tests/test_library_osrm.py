@@ -137,7 +137,8 @@ def test_manifest_records_the_init_and_the_default_settings_are_unchanged(built,
     assert not {"init", "osrm_examples", "osrm_freeze_a"} & set(default["training"])
 
 
-def test_statistics_are_computed_once_and_reused(assets, tmp_path, monkeypatch):
+def counted_build(assets, out, monkeypatch, gb_per_set):
+    """Builds with every set of statistics taken as ``gb_per_set`` GB; returns the rows per moments call."""
     seen = []
     original = cluster_init_module.input_moments
 
@@ -146,9 +147,25 @@ def test_statistics_are_computed_once_and_reused(assets, tmp_path, monkeypatch):
         return original(model, adapter, rows, **kwargs)
 
     monkeypatch.setattr(cluster_init_module, "input_moments", counting)
-    build(assets, tmp_path / "library", Untrained())
+    monkeypatch.setattr(cluster_init_module, "statistics_gb", lambda model, adapter: gb_per_set)
+    return build(assets, out, Untrained()), seen
+
+
+def test_statistics_of_each_sample_are_computed_once_when_they_fit(built, assets, tmp_path, monkeypatch):
+    library, seen = counted_build(assets, tmp_path / "library", monkeypatch, gb_per_set=1.0)  # 5 sets fit
+    assert sorted(seen) == sorted(SIZES)  # every example once; cluster k sums the other samples' moments
+    for folder, reference in zip(library.adapter_dirs, built.adapter_dirs, strict=True):
+        a, b = lora_a(folder), lora_a(reference)
+        assert all(torch.equal(a[key], b[key]) for key in b)  # the default build is this one
+
+
+def test_with_three_sets_only_the_total_minus_own_is_used(assets, tmp_path, monkeypatch):
+    library, seen = counted_build(assets, tmp_path / "library", monkeypatch, gb_per_set=2.0)  # 6 GB: 3 sets
     assert sum(seen) == 2 * sum(SIZES)  # every example twice (total, own), not K - 1 times
     assert len(seen) == 1 + len(SIZES)
+    labels = np.load(library.path / library.manifest.assignments_file)
+    for entry, folder in zip(library.manifest.clusters, library.adapter_dirs, strict=True):
+        assert_bottom_rows(folder, other_moments(assets, labels, entry.index)[0])
 
 
 def test_a_model_too_large_for_total_minus_own_initialises_each_cluster_directly(

@@ -1,12 +1,19 @@
 """OSRM initialisation of each cluster's adapter against the other clusters' examples.
 
 Every cluster contributes a seeded sample of at most ``osrm_examples`` examples, encoded as the
-trainer encodes them (prompt + response). The input second moments of all samples together are
-computed once, at the first cluster that needs them; cluster ``k`` then only runs its own sample and
-takes ``total.minus(own)``: uncentred sums with token counts subtract exactly, so ``2K`` sample passes
-replace the ``K (K - 1)`` of initialising each cluster from scratch (``docs/design.md`` §11). That
-holds three sets of statistics at once; when they would exceed ``MAX_MEMORY_GB`` (a 7B model), each
-cluster is initialised from the other samples directly instead, ``osrm_init`` working in passes.
+trainer encodes them (prompt + response). Uncentred sums with token counts add and subtract exactly,
+so the statistics are shared between clusters, in the cheapest way ``MAX_MEMORY_GB`` allows
+(``docs/design.md`` §11):
+
+- ``"each"``: every cluster's sample moments once (each example runs once), cluster ``k`` takes the
+  sum of the others': ``K + 2`` sets of statistics held at most;
+- ``"total"``: the moments of all samples once, then cluster ``k`` runs its own sample and takes
+  ``total.minus(own)`` (each example runs twice): three sets;
+- ``"direct"``: ``osrm_init`` on the other samples, in passes under the budget (a 7B model): each
+  example runs ``K - 1`` times.
+
+All three give the same rows up to float rounding; ``K (K - 1)`` sample passes is what initialising
+each cluster from scratch costs.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ __all__ = ["ClusterOSRM"]
 
 logger = logging.getLogger(__name__)
 
-MAX_MEMORY_GB = 8.0  # statistics held at once (total, own, total minus own: three sets)
+MAX_MEMORY_GB = 8.0  # statistics held at once
+MODES = ("each", "total", "direct")
 
 
 class ClusterOSRM:
@@ -63,13 +71,21 @@ class ClusterOSRM:
         k = int(labels.max()) + 1
         if k < 2:
             raise ValueError("init='osrm' needs at least two clusters: the other clusters' examples.")
-        self.options, self.progress, self.total, self.direct = options, progress, None, None
+        self.options, self.progress = options, progress
+        self.mode: str | None = None
+        self.total, self.own = None, None
         self.samples = []
         for index in range(k):
             members = np.flatnonzero(labels == index).tolist()
             size = min(len(members), options.osrm_examples)
             chosen = sorted(random.Random(seed + index).sample(members, size))
             self.samples.append([self._encode(examples[i], tokenizer) for i in chosen])
+
+    def _mode(self, gb: float) -> str:
+        """The cheapest way of sharing statistics whose sets fit ``MAX_MEMORY_GB`` (``gb`` per set)."""
+        if (len(self.samples) + 2) * gb <= MAX_MEMORY_GB:
+            return "each"
+        return "total" if 3 * gb <= MAX_MEMORY_GB else "direct"
 
     def _encode(self, example: Example, tokenizer: Any) -> dict[str, list[int]]:
         template, length = self.options.prompt_template, self.options.max_length
@@ -91,9 +107,18 @@ class ClusterOSRM:
     def __call__(self, peft_model, index: int) -> dict[str, Any]:
         """Initialises ``peft_model``'s active adapter for cluster ``index``; returns JSON-ready stats."""
         adapter = peft_model.active_adapter
-        if self.direct is None:
-            self.direct = 3 * statistics_gb(peft_model, adapter) > MAX_MEMORY_GB
-        if self.direct:
+        if self.mode is None:
+            self.mode = self._mode(statistics_gb(peft_model, adapter))
+            logger.info("OSRM statistics shared between clusters: %r", self.mode)
+        if self.mode == "each":
+            if self.own is None:
+                self.own = [self._moments(peft_model, adapter, sample) for sample in self.samples]
+            parts = [moments for k, moments in enumerate(self.own) if k != index]
+            others = parts[0]
+            for part in parts[1:]:
+                others = others.plus(part)
+            report = osrm_init(peft_model, adapter, others, freeze_a=self.options.osrm_freeze_a)
+        elif self.mode == "direct":
             others = [row for k, sample in enumerate(self.samples) if k != index for row in sample]
             report = osrm_init(
                 peft_model,
@@ -105,7 +130,7 @@ class ClusterOSRM:
                 max_memory_gb=MAX_MEMORY_GB,
                 progress=self.progress,
             )
-        else:
+        else:  # "total"
             if self.total is None:
                 every = [row for sample in self.samples for row in sample]
                 self.total = self._moments(peft_model, adapter, every)

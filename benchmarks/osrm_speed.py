@@ -128,8 +128,8 @@ def main() -> None:
     start = time.perf_counter()
     own = {task: input_moments(model, "default", s, max_examples=len(s)) for task, s in samples.items()}
     record["library_moments_s"] = round(time.perf_counter() - start, 2)
-    total = next(iter(own.values()))
-    record["groups"] = len(total.groups)
+    one = next(iter(own.values()))
+    record["groups"] = len(one.groups)
     reports = {}
     for index, task in enumerate(samples):
         if index:  # a fresh adapter per task, so that "replaced" compares with random rows
@@ -144,7 +144,7 @@ def main() -> None:
         save(record, args.out)
 
     start = time.perf_counter()
-    for moment in total.sums:
+    for moment in one.sums:
         bottom_eigenvectors(moment, args.rank)
     record["eigen_solve_per_task_s"] = round(time.perf_counter() - start, 2)
     model.unload()

@@ -19,6 +19,18 @@ from stages import lam_value
 from tasks import TASKS
 
 
+PLAIN_PAIRS = (
+    ("iso_cts_r48", "tsv_r48"),
+    ("iso_cts_r48", "knots_ties"),
+    ("iso_c_r48", "tsv_r48"),
+    ("iso_c_r48", "knots_ties"),
+    ("iso_cts_r48", "iso_c_r48"),
+    ("cp_weighted_r16", "iso_cts_r48"),
+    ("cp_whiten_r16", "cp_weighted_r16"),
+    ("calibrated_cp", "iso_cts_r48"),
+)
+
+
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -94,6 +106,10 @@ def summary() -> dict:
         a, b = merged("osrm", spec), merged("plain", spec)
         if a and b:
             out["gaps"][f"{spec}: osrm - plain"] = gap(a, b, plain_ind)
+    for a, b in PLAIN_PAIRS:  # issue 11: the static variants against each other, plain adapters
+        first, second = merged("plain", a), merged("plain", b)
+        if first and second:
+            out["gaps"][f"plain: {a} - {b}"] = gap(first, second, plain_ind)
     best = {adapters: best_static(adapters) for adapters in SETS}
     out["best_static_by_validation"] = best
     if all(best.values()):

@@ -18,7 +18,6 @@ from run import environment
 from stages import lam_value
 from tasks import TASKS
 
-
 PLAIN_PAIRS = (
     ("iso_cts_r48", "tsv_r48"),
     ("iso_cts_r48", "knots_ties"),

@@ -31,7 +31,7 @@ log = logging.getLogger("quality")
 # ("1/N", 0.3, 0.5, 1.0); its best values sat on the edges, so both grids were widened.
 SUM_GRID = (0.1, "1/N", 0.3, 0.5, 0.75)  # methods whose merge is ~ the sum of the deltas
 DISJOINT_GRID = (0.1, "1/N", 0.3, 0.5, 0.75, 1.0, 1.5)  # keep an adapter's component at full strength
-ISO_GRID = (*DISJOINT_GRID, 2.0, 3.0)  # flat spectra: the paper tunes its alpha up to about 3
+ISO_GRID = (*DISJOINT_GRID, 2.0, 3.0)  # in case a flat spectrum wants a larger scale
 
 
 @dataclass(frozen=True)

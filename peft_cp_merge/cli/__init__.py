@@ -66,12 +66,17 @@ def _add_merge_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Merge PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors)\n"
-            "into one adapter from the files alone: no base model is loaded. The result is what\n"
-            "PEFT's add_weighted_adapter(..., combination_type=METHOD) gives in memory, and\n"
-            "PeftModel.from_pretrained(base, OUT_DIR) loads it."
+            "into one adapter from the files alone: no base model is loaded. For cp, cat and svd\n"
+            "the result is what PEFT's add_weighted_adapter(..., combination_type=METHOD) gives\n"
+            "in memory; PeftModel.from_pretrained(base, OUT_DIR) loads it."
         ),
         epilog=(
-            "methods:\n" + "".join(f"  {m.name:<7} {m.help}\n" for m in METHODS.values()) + "\nexamples:\n"
+            "methods:\n" + "".join(f"  {m.name:<7} {m.help}\n" for m in METHODS.values()) + "\n"
+            "which method (six unrelated task adapters of a 135M model, one seed; README, Quality):\n"
+            "  no data: iso_c / iso_cts, weights about 0.75 each (0.78 of the individual adapters'\n"
+            "  accuracy), then tsv (0.70); the default cp and the mean keep 0.57 / 0.56. With 16-32\n"
+            "  examples per task, calibrate cp (0.84-0.90). cp is meant for adapters that share\n"
+            "  directions: check with peft-cp-merge analyze first.\n\nexamples:\n"
             "  peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/\n"
             "  peft-cp-merge merge a/ b/ c/ --weights .5 .3 .2 --method cat --out cat/ --dry-run\n"
             "  peft-cp-merge merge --library library/ --rank 16 --out merged/"

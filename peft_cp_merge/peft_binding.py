@@ -198,6 +198,8 @@ def add_cp_weighted_adapter(
     seed: int = 0,
     line_search: bool = True,
     whiten: bool = False,
+    sharing_exponent: float = 0.0,
+    isotropic: bool = False,
     device: torch.device | str | None = None,
     progress: bool | None = None,
     calibration: Iterable | None = None,
@@ -227,6 +229,10 @@ def add_cp_weighted_adapter(
         line_search: Extrapolate after each ALS sweep (Bro's line search); ``False``: plain ALS.
         whiten: Replace the CP factors ``U``, ``V`` by their polar factors before the gains are
             applied (TSV-style decorrelation), see :mod:`peft_cp_merge.methods.cp`.
+        sharing_exponent: From 0 (off) to 1: divide each component's gain by the effective number
+            of adapters that use it to this power (1: shared components are not added up).
+        isotropic: Give every component the mean gain magnitude (Iso-C's flat spectrum in the CP
+            basis; exactly flat with ``whiten=True``).
         device: Where to compute (default: where the first adapter's weights are).
         progress: Progress bars: ``None`` shows them on a terminal only.
         calibration: Optional examples (dicts with ``input_ids``, ``attention_mask``, ``labels``, or a
@@ -264,6 +270,8 @@ def add_cp_weighted_adapter(
         seed=seed,
         line_search=line_search,
         whiten=whiten,
+        sharing_exponent=sharing_exponent,
+        isotropic=isotropic,
     )
     if rank is not None:
         check_rank(rank)

@@ -19,6 +19,17 @@ matrices with orthonormal columns, before the same gains are applied:
 ``g (1 + c), g (1 - c)``); already orthogonal components are unchanged. It runs on the core-space
 factors, whose lifts are the same up to the orthonormal bases.
 
+Two gain rules act on top of either aggregation (issue 11; off by default, ``docs/design.md`` §4):
+
+- ``sharing_exponent=gamma``: each gain is divided by ``n_r ** gamma``, where
+  ``n_r = (sum_i |w_i c_ir|)^2 / sum_i (w_i c_ir)^2`` (between 1 and N) is the effective number of
+  adapters that use component ``r``. With ``gamma = 1`` and weights 1 every adapter keeps its own
+  amount of every component: one used by a single adapter keeps ``lambda_r c_ir``, one spread evenly
+  over N adapters gets ``lambda_r / sqrt(N)`` (each adapter's share) instead of N shares added up.
+- ``isotropic=True``: every non-zero gain's magnitude is replaced by their mean (signs kept), Iso-C's
+  flat spectrum in the CP basis; with ``whiten=True`` the merged delta's non-zero singular values are
+  then all equal.
+
 The merged adapter has rank ``R``: ``lora_B = U diag(sqrt|g|)``, ``lora_A = diag(sign(g) sqrt|g|) V^T``
 and scaling 1 (``r = lora_alpha = R``). The maths and the measurements behind the defaults:
 ``docs/design.md`` sections 3, 4 and 9.
@@ -47,6 +58,7 @@ __all__ = [
     "METHOD",
     "CPOptions",
     "aggregate_loadings",
+    "component_gains",
     "default_rank",
     "merge_modules",
 ]
@@ -107,6 +119,15 @@ class CPOptions:
         metadata={"help": "replace the CP factors U, V by their polar factors (TSV-style decorrelation)"},
     )
 
+    sharing_exponent: float = field(
+        default=0.0,
+        metadata={"help": "divide each gain by its number of sharing adapters to this power, 0 to 1"},
+    )
+    isotropic: bool = field(
+        default=False,
+        metadata={"help": "give every component the mean gain magnitude (Iso-C in the CP basis)"},
+    )
+
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(
@@ -115,11 +136,15 @@ class CPOptions:
         check_options(
             1, self.init, self.n_iter_max, self.tol, self.l2, self.seed, line_search=self.line_search
         )
-        if not isinstance(self.whiten, bool):
-            raise ValueError(f"whiten must be True or False, got {self.whiten!r}")
+        for name in ("whiten", "isotropic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        exponent = self.sharing_exponent
+        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent <= 1:
+            raise ValueError(f"sharing_exponent must be a number from 0 to 1, got {exponent!r}")
 
 
-def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, aggregation: str) -> Tensor:
+def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, options: CPOptions) -> Tensor:
     """Distance of each merged delta to the weighted sum, computed in the core (``(batch,)``).
 
     The merged delta ``sum_r g_r u_r v_r^T`` is rebuilt from the core-space factors with the same
@@ -129,21 +154,21 @@ def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, ag
     weights, (a, b, c) = canonicalize(
         result.weights.to(torch.float64), tuple(f.to(torch.float64) for f in result.factors)
     )
-    gains = aggregate_loadings(weights, c, merge_weights, aggregation)
+    gains = component_gains(weights, c, merge_weights, options)
     return weighted_sum_error((a * gains[:, None, :]) @ b.mT, core, merge_weights)
 
 
-def _whitened(result: CPResult, merge_weights: Tensor, aggregation: str) -> tuple[Tensor, Tensor, Tensor]:
+def _whitened(result: CPResult, merge_weights: Tensor, options: CPOptions) -> tuple[Tensor, Tensor, Tensor]:
     """Core-space ``(polar(U), polar(V), g)`` of a batch of fits, float64 (``whiten=True``).
 
     ``U``, ``V`` in canonical form (unit columns, the product of all column norms and ALS's weight in
-    ``lambda_r``), so ``g_r`` is the unwhitened gain: ``lambda_r`` times the aggregated loading.
+    ``lambda_r``), so ``g_r`` is the unwhitened gain (:func:`component_gains`).
     The polar factor is equivariant under column signs and order, so these choices do not matter.
     """
     weights, (a, b, c) = canonicalize(
         result.weights.to(torch.float64), tuple(f.to(torch.float64) for f in result.factors)
     )
-    gains = aggregate_loadings(weights, c, merge_weights, aggregation)
+    gains = component_gains(weights, c, merge_weights, options)
     return torch.stack([polar(x) for x in a]), torch.stack([polar(x) for x in b]), gains
 
 
@@ -169,6 +194,45 @@ def aggregate_loadings(weights: Tensor, loadings: Tensor, merge_weights: Tensor,
         kept = torch.where(keep, contributions, torch.zeros_like(contributions))
         return weights * kept.sum(dim=1) / keep.sum(dim=1).clamp_min(1)
     raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
+
+
+def component_gains(weights: Tensor, loadings: Tensor, merge_weights: Tensor, options: CPOptions) -> Tensor:
+    """Per-component gains of the merged delta under ``options`` (float64 inputs give float64).
+
+    :func:`aggregate_loadings`, then the ``sharing_exponent`` and ``isotropic`` rules of the module
+    docstring. Components whose gain is at most ``1e3 R eps`` times the largest stay zero when flattened.
+
+    Args:
+        weights: CP weights ``lambda`` ``(batch, R)``.
+        loadings: Adapter loadings ``C`` ``(batch, N, R)``, unit columns.
+        merge_weights: ``w`` ``(batch, N)``.
+        options: The merge's :class:`CPOptions`.
+
+    Returns:
+        ``(batch, R)``.
+
+    Example:
+        >>> lam, c = torch.ones(1, 2), torch.tensor([[[1.0, 0.6], [0.0, 0.8]]])  # one shared component
+        >>> component_gains(lam, c, torch.ones(1, 2), CPOptions())
+        tensor([[1.0000, 1.4000]])
+        >>> component_gains(lam, c, torch.ones(1, 2), CPOptions(sharing_exponent=1.0))
+        tensor([[1.0000, 0.7143]])
+        >>> component_gains(lam, c, torch.ones(1, 2), CPOptions(isotropic=True))
+        tensor([[1.2000, 1.2000]])
+    """
+    gains = aggregate_loadings(weights, loadings, merge_weights, options.aggregation)
+    if options.sharing_exponent:
+        contributions = (merge_weights[:, :, None].to(loadings) * loadings).abs()
+        squares = contributions.square().sum(dim=1)
+        sharing = torch.where(squares > 0, contributions.sum(dim=1).square() / squares, 1.0)
+        gains = gains / sharing.clamp_min(1.0) ** options.sharing_exponent
+    if options.isotropic:
+        magnitude = gains.abs()
+        eps = torch.finfo(gains.dtype).eps
+        kept = magnitude > 1e3 * gains.shape[-1] * eps * magnitude.amax(dim=-1, keepdim=True)
+        mean = (magnitude * kept).sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(1)
+        gains = torch.where(kept, torch.sign(gains) * mean, torch.zeros_like(gains))
+    return gains
 
 
 def _split_gains(u: Tensor, v: Tensor, gains: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,8 +281,6 @@ def merge_modules(
     options = METHOD.make_options(options)
     check_rank(rank)
     merge_weights = stack_weights(stacks, weights)
-    aggregation = options.aggregation
-
     groups: dict[tuple[int, ...], list[str]] = defaultdict(list)
     for name, stack in stacks.items():
         groups[stack.ranks].append(name)
@@ -259,11 +321,11 @@ def merge_modules(
         weights_batch = torch.stack([merge_weights[name] for name in names]).to(compressed.core.left.device)
         whitened = None
         if options.whiten:
-            whitened = _whitened(result, weights_batch, aggregation)
+            whitened = _whitened(result, weights_batch, options)
             delta = (whitened[0] * whitened[2][:, None, :]) @ whitened[1].mT
             rel_errors = weighted_sum_error(delta, compressed.core, weights_batch)
         else:
-            rel_errors = _core_rel_errors(compressed.core, result, weights_batch, aggregation)
+            rel_errors = _core_rel_errors(compressed.core, result, weights_batch, options)
         for index, name in enumerate(names):
             merged[name] = _lift_module(
                 group[index],
@@ -272,7 +334,7 @@ def merge_modules(
                 result,
                 index,
                 merge_weights[name],
-                aggregation,
+                options,
                 rank,
                 float(rel_errors[index]),
                 whitened,
@@ -294,7 +356,7 @@ def _lift_module(
     result: CPResult,
     index: int,
     merge_weights: Tensor,
-    aggregation: str,
+    options: CPOptions,
     rank: int,
     rel_error: float,
     whitened: tuple[Tensor, Tensor, Tensor] | None = None,
@@ -321,7 +383,7 @@ def _lift_module(
             result.factors[2][here].to(torch.float64),
         )
         cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
-        gains = aggregate_loadings(cp_weights, c, merge_weights[None].to(c.device), aggregation)[0]
+        gains = component_gains(cp_weights, c, merge_weights[None].to(c.device), options)[0]
     lora_A, lora_B = _split_gains(u[0], v[0], gains)
     home, out_dtype = original.lora_A[0].device, original.lora_A[0].dtype
     merged = MergedLora(

@@ -1,0 +1,228 @@
+"""The cp gain rules of issue 11: ``CPOptions(sharing_exponent=...)`` and ``CPOptions(isotropic=True)``.
+
+``sharing_exponent = gamma`` divides each component's gain by ``n_r ** gamma``, with
+``n_r = (sum_i |w_i c_ir|)^2 / sum_i (w_i c_ir)^2`` the effective number of adapters using it;
+``isotropic`` replaces every non-zero gain magnitude by their mean. The planted cases have a unique
+exact CP (Kruskal's condition holds), so the merged delta is known in closed form.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base
+
+import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
+from peft_cp_merge.cli import main
+from peft_cp_merge.engine.compression import LoraStack
+from peft_cp_merge.methods.cp import CPOptions, component_gains, merge_modules
+
+
+def _delta(stack, weights, rank, **options):
+    merged = merge_modules({"m": stack}, {"m": weights}, rank=rank, options=CPOptions(**options))["m"]
+    return merged.lora_B @ merged.lora_A, merged
+
+
+def _planted(a=3.0, b=1.5, s=2.0, seed=0):
+    """Two rank-2 adapters: a specific component each (strengths ``a``, ``b``) and one identical shared
+    component of strength ``s``, all orthonormal on both sides. Returns the stack and the rank-one
+    parts ``(P1, P2, P0)``: ``dW_1 = a P1 + s P0``, ``dW_2 = b P2 + s P0``."""
+    gen = torch.Generator().manual_seed(seed)
+    u, v = orthonormal(16, 3, gen), orthonormal(12, 3, gen)
+    parts = [torch.outer(u[:, k], v[:, k]) for k in range(3)]
+    lora_B = [torch.stack([a * u[:, 0], s * u[:, 2]], dim=1), torch.stack([b * u[:, 1], s * u[:, 2]], dim=1)]
+    lora_A = [torch.stack([v[:, 0], v[:, 2]]), torch.stack([v[:, 1], v[:, 2]])]
+    stack = LoraStack([x[None] for x in lora_A], [x[None] for x in lora_B], [1.0, 1.0])
+    return stack, parts
+
+
+# --------------------------------------------------------------------------------------------------
+# sharing_exponent
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("gamma", "shared"), [(0.0, 2.0), (0.5, math.sqrt(2.0)), (1.0, 1.0)])
+def test_a_shared_component_is_counted_once_at_gamma_one(gamma, shared):
+    # Loadings: specific components e_1, e_2; the shared one (1, 1) / sqrt(2) with lambda = 2 sqrt(2),
+    # so n = 2 and its gain is 2 s / 2 ** gamma. The specific ones (n = 1) keep a and b.
+    stack, (p1, p2, p0) = _planted()
+    delta, merged = _delta(stack, [1.0, 1.0], 3, sharing_exponent=gamma)
+    expected = 3.0 * p1 + 1.5 * p2 + shared * 2.0 * p0
+    torch.testing.assert_close(delta, expected.to(delta), rtol=1e-7, atol=1e-9)
+    sum_delta = 3.0 * p1 + 1.5 * p2 + 4.0 * p0
+    expected_error = torch.linalg.matrix_norm(expected - sum_delta) / torch.linalg.matrix_norm(sum_delta)
+    assert merged.rel_error == pytest.approx(float(expected_error), abs=1e-9)
+
+
+def test_an_adapter_with_weight_zero_does_not_count_as_sharing():
+    # With w = (1, 0) only adapter 1 uses the shared component: n = 1, the merge is adapter 1 itself.
+    stack, (p1, _, p0) = _planted()
+    for gamma in (0.0, 0.5, 1.0):
+        delta, merged = _delta(stack, [1.0, 0.0], 3, sharing_exponent=gamma)
+        torch.testing.assert_close(delta, (3.0 * p1 + 2.0 * p0).to(delta), rtol=1e-7, atol=1e-9)
+        assert merged.rel_error == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("aggregation", ["weighted", "disjoint"])
+def test_sharing_scales_with_the_weights_and_never_raises_a_gain(aggregation):
+    stack = random_stack([3, 2, 4], d_out=14, d_in=11, seed=3)
+    plain, _ = _delta(stack, [0.6, 0.9, 0.4], 6, aggregation=aggregation)
+    shared, _ = _delta(stack, [0.6, 0.9, 0.4], 6, aggregation=aggregation, sharing_exponent=0.7)
+    doubled, _ = _delta(stack, [1.2, 1.8, 0.8], 6, aggregation=aggregation, sharing_exponent=0.7)
+    torch.testing.assert_close(doubled, 2 * shared, rtol=1e-6, atol=1e-9)
+    # n_r >= 1, so every gain shrinks or stays: the merged delta's norm cannot grow
+    assert torch.linalg.matrix_norm(shared, "nuc") <= torch.linalg.matrix_norm(plain, "nuc") * (1 + 1e-9)
+    assert torch.linalg.matrix_norm(shared - plain) > 1e-3 * torch.linalg.matrix_norm(plain)
+
+
+def test_component_gains_divides_by_the_participation_ratio():
+    lam = torch.tensor([[2.0, 1.0, 3.0]], dtype=torch.float64)
+    c = torch.nn.functional.normalize(
+        torch.tensor([[[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 1.0]]]), dim=1
+    )
+    w = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    gains = component_gains(lam, c.double(), w, CPOptions(sharing_exponent=1.0))
+    # component 0: only adapter 0 (n = 1); component 1: three equal loadings (n = 3); component 2: n = 1
+    expected = torch.tensor([[2.0, 1.0 * 3 / math.sqrt(3) / 3, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(gains, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# isotropic
+# --------------------------------------------------------------------------------------------------
+
+
+def test_isotropic_whitened_merge_has_a_flat_spectrum_with_the_mean_gain():
+    stack = random_stack([3, 3, 2], d_out=18, d_in=15, seed=5)
+    weights = [0.8, 1.1, 0.5]
+    white, _ = _delta(stack, weights, 6, whiten=True)
+    flat, merged = _delta(stack, weights, 6, whiten=True, isotropic=True)
+    sigma_white = torch.linalg.svdvals(white)[:6]
+    sigma_flat = torch.linalg.svdvals(flat)
+    torch.testing.assert_close(sigma_flat[:6], sigma_white.mean().expand(6), rtol=1e-6, atol=1e-9)
+    assert float(sigma_flat[6:].abs().max()) < 1e-9  # rank 6, nothing else
+    # the same singular vectors: flattening only changes the spectrum
+    u, _, vh = torch.linalg.svd(white)
+    torch.testing.assert_close(u[:, :6].mT @ flat @ vh[:6].mT, sigma_white.mean() * torch.eye(6).to(flat))
+    assert 0 < merged.rel_error < 1
+
+
+def test_isotropic_on_orthogonal_components_equals_a_dense_reference():
+    stack, (p1, p2, p0) = _planted()
+    delta, _ = _delta(stack, [1.0, 1.0], 3, isotropic=True)
+    mean = (3.0 + 1.5 + 4.0) / 3  # gains a, b and 2 s
+    torch.testing.assert_close(delta, (mean * (p1 + p2 + p0)).to(delta), rtol=1e-7, atol=1e-9)
+    both, _ = _delta(stack, [1.0, 1.0], 3, isotropic=True, sharing_exponent=1.0)
+    torch.testing.assert_close(both, ((3.0 + 1.5 + 2.0) / 3 * (p1 + p2 + p0)).to(both), rtol=1e-7, atol=1e-9)
+
+
+def test_isotropic_is_linear_in_a_common_weight_and_keeps_zero_gains_at_zero():
+    stack = random_stack([2, 2], d_out=10, d_in=9, seed=7)
+    one, _ = _delta(stack, [1.0, 1.0], 4, isotropic=True)
+    neg, _ = _delta(stack, [-0.5, -0.5], 4, isotropic=True)
+    torch.testing.assert_close(neg, -0.5 * one, rtol=1e-6, atol=1e-9)
+    gains = component_gains(
+        torch.tensor([[2.0, 0.0, 1.0]]), torch.eye(3)[None], torch.ones(1, 3), CPOptions(isotropic=True)
+    )
+    torch.testing.assert_close(gains, torch.tensor([[1.5, 0.0, 1.5]]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Plumbing and bad values
+# --------------------------------------------------------------------------------------------------
+
+
+def _two_adapter_model(tiny_net):
+    config = {"init_lora_weights": False, "target_modules": ["lin0", "lin1"]}
+    model = get_peft_model(copy.deepcopy(tiny_net), LoraConfig(r=3, lora_alpha=6, **config), adapter_name="x")
+    model.add_adapter("y", LoraConfig(r=2, lora_alpha=3, **config))
+    return model
+
+
+def test_gain_options_reach_the_merge_through_add_weighted_adapter(tiny_net):
+    from peft.tuners.lora import LoraLayer
+
+    model = _two_adapter_model(tiny_net)
+    options = {"sharing_exponent": 0.8, "isotropic": True}
+    model.add_weighted_adapter(
+        ["x", "y"],
+        [0.9, 1.1],
+        "m",
+        combination_type="cp",
+        cp_rank=4,
+        **{f"cp_{k}": v for k, v in options.items()},
+    )
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and "m" in m.lora_A]
+    assert len(layers) == 2
+    stacks = {
+        str(i): LoraStack(
+            [layer.lora_A[a].weight.detach()[None] for a in ("x", "y")],
+            [layer.lora_B[a].weight.detach()[None] for a in ("x", "y")],
+            [layer.scaling[a] for a in ("x", "y")],
+        )
+        for i, layer in enumerate(layers)
+    }
+    # One batched CP-ALS as in the binding: flattening raises weak components to the mean, so the
+    # rounding-level differences between a batched and a single-module fit would show.
+    weights = {name: [0.9, 1.1] for name in stacks}
+    expected = merge_modules(stacks, weights, rank=4, options=CPOptions(**options))
+    for i, layer in enumerate(layers):
+        reference = expected[str(i)].lora_B @ expected[str(i)].lora_A
+        torch.testing.assert_close(layer.get_delta_weight("m").detach(), reference, rtol=1e-5, atol=1e-6)
+        plain = merge_modules(stacks, weights, rank=4)[str(i)]
+        assert torch.linalg.matrix_norm(reference - plain.lora_B @ plain.lora_A) > 1e-2
+
+
+def test_gain_flags_reach_the_folder_merge(tmp_path):
+    base = tiny_base()
+    adapters = [
+        str(save_peft_adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=8)),
+        str(save_peft_adapter(base, tmp_path / "b", seed=2, r=3, lora_alpha=5)),
+    ]
+    out = tmp_path / "out"
+    args = [
+        "merge",
+        *adapters,
+        "--weights",
+        "0.7",
+        "0.4",
+        "--rank",
+        "7",
+        "--sharing-exponent",
+        "0.5",
+        "--isotropic",
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--no-progress"]) == 0
+    options = json.loads((out / "merge_info.json").read_text())["options"]
+    assert options["sharing_exponent"] == 0.5
+    assert options["isotropic"] is True
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "1", True, None])
+def test_bad_sharing_exponents_are_refused(value):
+    with pytest.raises(ValueError, match=rf"sharing_exponent must be a number from 0 to 1, got {value!r}"):
+        CPOptions(sharing_exponent=value)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_bad_isotropic_values_are_refused(value):
+    with pytest.raises(ValueError, match=rf"isotropic must be True or False, got {value!r}"):
+        CPOptions(isotropic=value)
+
+
+def test_a_bad_gain_option_is_refused_before_the_model_changes(tiny_net):
+    model = _two_adapter_model(tiny_net)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"sharing_exponent must be a number from 0 to 1, got 2\.0"):
+        model.add_weighted_adapter(
+            ["x", "y"], [1.0, 1.0], "m", combination_type="cp", cp_sharing_exponent=2.0
+        )
+    assert sorted(model.peft_config) == ["x", "y"]
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)

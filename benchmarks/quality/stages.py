@@ -67,6 +67,25 @@ SPECS = (  # in priority order: the stage runs them in this order
     # Isotropic merging (issue 11): flat spectra keep weak directions at full strength.
     Spec("iso_c_r48", "core", ISO_GRID, {"method": "iso_c", "rank": 48}),
     Spec("iso_cts_r48", "core", ISO_GRID, {"method": "iso_cts", "rank": 48}),
+    # The cp gain rules (issue 11): shared components counted once; flat gains in the whitened CP basis.
+    Spec(
+        "cp_shared_r16",
+        "cp",
+        DISJOINT_GRID,
+        {"cp_rank": 16, "cp_aggregation": "weighted", "cp_sharing_exponent": 1.0},
+    ),
+    Spec(
+        "cp_iso_r16",
+        "cp",
+        ISO_GRID,
+        {"cp_rank": 16, "cp_aggregation": "weighted", "cp_whiten": True, "cp_isotropic": True},
+    ),
+    Spec(
+        "cp_iso_r48",
+        "cp",
+        ISO_GRID,
+        {"cp_rank": 48, "cp_aggregation": "weighted", "cp_whiten": True, "cp_isotropic": True},
+    ),
     Spec("peft_ties", "peft", DISJOINT_GRID, {"combination_type": "ties", "density": 0.5}),
     Spec("peft_ties_svd", "peft", DISJOINT_GRID, {"combination_type": "ties_svd", "density": 0.5}),
     # Libraries only: base weights N * size_i / sum(size) (lam = 1/N gives size-proportional weights,

@@ -64,6 +64,8 @@ class CPMergeReport:
             ``sum_i w_i dW_i``, relative to the sum (the meaning every method shares).
         fit_error: Module name -> relative error of the CP fit of that module's stacked deltas.
         n_iter: Module name -> CP-ALS sweeps run.
+        module_rank: Module name -> components fitted there (below ``rank`` where the module has
+            fewer inputs or ``rank_tol`` chose fewer; the rest are zero).
         not_converged: Modules whose CP-ALS stopped at ``n_iter_max`` before meeting ``tol``.
         seconds: Wall time of the merge (and calibration).
         calibration: What :func:`~peft_cp_merge.calibration.calibrate` did when ``calibration``
@@ -75,6 +77,7 @@ class CPMergeReport:
     rel_error: dict[str, float]
     fit_error: dict[str, float]
     n_iter: dict[str, int]
+    module_rank: dict[str, int]
     not_converged: tuple[str, ...]
     seconds: float
     calibration: object = None
@@ -200,6 +203,7 @@ def add_cp_weighted_adapter(
     whiten: bool = False,
     sharing_exponent: float = 0.0,
     isotropic: bool = False,
+    rank_tol: float = 0.0,
     device: torch.device | str | None = None,
     progress: bool | None = None,
     calibration: Iterable | None = None,
@@ -233,6 +237,8 @@ def add_cp_weighted_adapter(
             of adapters that use it to this power (1: shared components are not added up).
         isotropic: Give every component the mean gain magnitude (Iso-C's flat spectrum in the CP
             basis; exactly flat with ``whiten=True``).
+        rank_tol: From 0 (off) to 1: per module, the fewest components (of ``rank`` x 1/4, 2/4, 3/4,
+            1) whose CP fit error is within ``rank_tol`` of the fit at ``rank``; the rest are zero.
         device: Where to compute (default: where the first adapter's weights are).
         progress: Progress bars: ``None`` shows them on a terminal only.
         calibration: Optional examples (dicts with ``input_ids``, ``attention_mask``, ``labels``, or a
@@ -272,6 +278,7 @@ def add_cp_weighted_adapter(
         whiten=whiten,
         sharing_exponent=sharing_exponent,
         isotropic=isotropic,
+        rank_tol=rank_tol,
     )
     if rank is not None:
         check_rank(rank)
@@ -318,6 +325,7 @@ def add_cp_weighted_adapter(
         rel_error={key: m.rel_error for key, m in merged.items()},
         fit_error={key: m.fit_error for key, m in merged.items()},
         n_iter={key: m.n_iter for key, m in merged.items()},
+        module_rank={key: m.rank for key, m in merged.items()},
         not_converged=not_converged,
         seconds=time.perf_counter() - start,
         calibration=calibration_report,

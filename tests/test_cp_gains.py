@@ -1,9 +1,10 @@
-"""The cp gain rules of issue 11: ``CPOptions(sharing_exponent=...)`` and ``CPOptions(isotropic=True)``.
+"""Issue 11's cp options: the gain rules ``sharing_exponent`` and ``isotropic``, and ``rank_tol``.
 
 ``sharing_exponent = gamma`` divides each component's gain by ``n_r ** gamma``, with
 ``n_r = (sum_i |w_i c_ir|)^2 / sum_i (w_i c_ir)^2`` the effective number of adapters using it;
 ``isotropic`` replaces every non-zero gain magnitude by their mean. The planted cases have a unique
-exact CP (Kruskal's condition holds), so the merged delta is known in closed form.
+exact CP (Kruskal's condition holds), so the merged delta is known in closed form. ``rank_tol`` picks
+each module's rank from its fit curve; a module planted with CP rank 2 must get 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base
 
-import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
+import peft_cp_merge  # registers combination_type="cp"
 from peft_cp_merge.cli import main
 from peft_cp_merge.engine.compression import LoraStack
 from peft_cp_merge.methods.cp import CPOptions, component_gains, merge_modules
@@ -133,6 +134,57 @@ def test_isotropic_is_linear_in_a_common_weight_and_keeps_zero_gains_at_zero():
 
 
 # --------------------------------------------------------------------------------------------------
+# rank_tol: the rank of each module from its fit curve
+# --------------------------------------------------------------------------------------------------
+
+
+def _cp_rank_two_stack(seed=0) -> LoraStack:
+    """Four rank-2 adapters whose stacked deltas have CP rank exactly 2: ``dW_i = sum_r c_ir u_r v_r^T``."""
+    gen = torch.Generator().manual_seed(seed)
+    u, v, c = (torch.randn(d, 2, generator=gen, dtype=torch.float64) for d in (14, 11, 4))
+    lora_B = [u * c[i] for i in range(4)]
+    lora_A = [v.T.clone() for _ in range(4)]
+    return LoraStack([a[None] for a in lora_A], [b[None] for b in lora_B], [1.0] * 4)
+
+
+def test_rank_tol_gives_a_planted_low_rank_module_its_rank_and_others_the_full_rank():
+    stacks = {"low": _cp_rank_two_stack(), "random": random_stack([2, 2, 2, 2], d_out=14, d_in=11, seed=1)}
+    weights = {name: [0.5, 1.0, 0.7, 0.2] for name in stacks}
+    merged = merge_modules(stacks, weights, rank=8, options=CPOptions(rank_tol=0.01))
+    assert merged["low"].rank == 2
+    assert merged["random"].rank == 8
+    assert merged["low"].rel_error == pytest.approx(0.0, abs=1e-8)  # rank 2 is exact there
+    assert merged["low"].lora_A.shape == (8, 11)
+    assert torch.count_nonzero(merged["low"].lora_A[2:]) == 0
+    assert merged["random"].fit_error == pytest.approx(0.0, abs=1e-8)  # R = M = 8: exact
+    # the planted module's merged delta is the weighted sum
+    low = stacks["low"]
+    expected = sum(w * b[0] @ a[0] for w, a, b in zip(weights["low"], low.lora_A, low.lora_B, strict=True))
+    torch.testing.assert_close(merged["low"].lora_B @ merged["low"].lora_A, expected)
+
+
+def test_rank_tol_zero_is_the_fixed_rank_and_one_the_smallest_candidate():
+    stacks = {"a": random_stack([3, 3, 2], seed=2), "b": random_stack([2, 2], seed=3)}
+    weights = {"a": [1.0, 0.5, 0.8], "b": [0.4, 0.9]}
+    fixed = merge_modules(stacks, weights, rank=7)
+    zero = merge_modules(stacks, weights, rank=7, options=CPOptions(rank_tol=0.0))
+    one = merge_modules(stacks, weights, rank=7, options=CPOptions(rank_tol=1.0))
+    for name in stacks:
+        torch.testing.assert_close(zero[name].lora_A, fixed[name].lora_A, rtol=0, atol=0)
+    assert (fixed["a"].rank, fixed["b"].rank) == (7, 4)  # "b" has only M = 4
+    assert (one["a"].rank, one["b"].rank) == (2, 1)  # ceil(7 / 4), ceil(4 / 4)
+    assert one["a"].fit_error > fixed["a"].fit_error
+
+
+def test_add_weighted_adapter_reports_each_modules_rank(tiny_net):
+    model = _two_adapter_model(tiny_net)
+    report = peft_cp_merge.add_cp_weighted_adapter(model, ["x", "y"], [1.0, 1.0], "m", rank=4, rank_tol=1.0)
+    assert set(report.module_rank.values()) == {1}
+    plain = peft_cp_merge.add_cp_weighted_adapter(model, ["x", "y"], [1.0, 1.0], "p", rank=4)
+    assert set(plain.module_rank.values()) == {4}
+
+
+# --------------------------------------------------------------------------------------------------
 # Plumbing and bad values
 # --------------------------------------------------------------------------------------------------
 
@@ -209,6 +261,12 @@ def test_gain_flags_reach_the_folder_merge(tmp_path):
 def test_bad_sharing_exponents_are_refused(value):
     with pytest.raises(ValueError, match=rf"sharing_exponent must be a number from 0 to 1, got {value!r}"):
         CPOptions(sharing_exponent=value)
+
+
+@pytest.mark.parametrize("value", [-0.01, 2.0, float("inf"), "0.1", False])
+def test_bad_rank_tols_are_refused(value):
+    with pytest.raises(ValueError, match=rf"rank_tol must be a number from 0 to 1, got {value!r}"):
+        CPOptions(rank_tol=value)
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])

@@ -38,6 +38,8 @@ class MergedLora:
             and ``"tsv"``, 0 for ``"cat"``; ``None`` where a method fits nothing.
         n_iter: ALS sweeps run (``"cp"`` only).
         converged: Whether the ALS met its tolerance before ``n_iter_max`` (``"cp"`` only).
+        rank: Components fitted for this module before zero padding (``"cp"`` only; below the
+            adapter's rank where the module has fewer inputs or ``rank_tol`` chose fewer).
     """
 
     lora_A: Tensor
@@ -46,6 +48,7 @@ class MergedLora:
     fit_error: float | None = None
     n_iter: int | None = None
     converged: bool | None = None
+    rank: int | None = None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,10 @@ Two gain rules act on top of either aggregation (issue 11; off by default, ``doc
   flat spectrum in the CP basis; with ``whiten=True`` the merged delta's non-zero singular values are
   then all equal.
 
+A per-module rank (issue 11; off by default): with ``rank_tol = t > 0`` each module is also fitted at
+the candidate ranks ``ceil(R k / 4)``, ``k = 1, 2, 3``, and keeps the smallest whose CP fit error is at
+most ``t`` above its fit error at ``R`` (the elbow of its fit curve); the unused components are zero.
+
 The merged adapter has rank ``R``: ``lora_B = U diag(sqrt|g|)``, ``lora_A = diag(sign(g) sqrt|g|) V^T``
 and scaling 1 (``r = lora_alpha = R``). The maths and the measurements behind the defaults:
 ``docs/design.md`` sections 3, 4 and 9.
@@ -128,6 +132,11 @@ class CPOptions:
         metadata={"help": "give every component the mean gain magnitude (Iso-C in the CP basis)"},
     )
 
+    rank_tol: float = field(
+        default=0.0,
+        metadata={"help": "per-module rank: fewest components within this fit error of rank R (0: off)"},
+    )
+
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(
@@ -142,6 +151,9 @@ class CPOptions:
         exponent = self.sharing_exponent
         if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent <= 1:
             raise ValueError(f"sharing_exponent must be a number from 0 to 1, got {exponent!r}")
+        tol = self.rank_tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
+            raise ValueError(f"rank_tol must be a number from 0 to 1, got {tol!r}")
 
 
 def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, options: CPOptions) -> Tensor:
@@ -297,13 +309,48 @@ def merge_modules(
     for ranks, names in chunks:
         group = [stacks[n] if device is None else stacks[n].to(device) for n in names]
         compressed = compress_many(group)
-        effective_rank = min(rank, sum(ranks))
-        logger.info(
-            "CP-ALS on %d modules, core %s, rank %d", len(names), compressed.core.shape[1:], effective_rank
-        )
+        weights_batch = torch.stack([merge_weights[name] for name in names]).to(compressed.core.left.device)
+        fits = _fit_chunk(compressed.core, min(rank, sum(ranks)), weights_batch, options)
+        chosen = _chosen_ranks(fits, options.rank_tol)
+        for index, name in enumerate(names):
+            fit = fits[chosen[index]]
+            merged[name] = _lift_module(
+                group[index],
+                stacks[name],
+                compressed,
+                fit.result,
+                index,
+                merge_weights[name],
+                options,
+                rank,
+                float(fit.rel_errors[index]),
+                fit.whitened,
+            )
+            bar.update(1)
+    bar.close()
+    return {name: merged[name] for name in stacks}
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """One batched CP-ALS at one rank: the result, each module's ``rel_error``, the whitened factors."""
+
+    result: CPResult
+    rel_errors: Tensor
+    whitened: tuple[Tensor, Tensor, Tensor] | None
+
+
+def _fit_chunk(core: LoraCore, full_rank: int, weights_batch: Tensor, options: CPOptions) -> dict[int, _Fit]:
+    """Rank -> :class:`_Fit`: at ``full_rank``, and with ``rank_tol`` at the smaller candidates too."""
+    ranks = [full_rank]
+    if options.rank_tol:
+        ranks = sorted({-(-full_rank * k // 4) for k in (1, 2, 3)} | {full_rank})
+    fits = {}
+    for r in ranks:
+        logger.info("CP-ALS on %d modules, core %s, rank %d", core.left.shape[0], core.shape[1:], r)
         result = cp_als(
-            compressed.core,
-            effective_rank,
+            core,
+            r,
             init=options.init,
             n_iter_max=options.n_iter_max,
             tol=options.tol,
@@ -315,33 +362,29 @@ def merge_modules(
             logger.info(
                 "%d of %d modules stopped at n_iter_max=%d",
                 (~result.converged).sum(),
-                len(names),
+                result.converged.numel(),
                 options.n_iter_max,
             )
-        weights_batch = torch.stack([merge_weights[name] for name in names]).to(compressed.core.left.device)
         whitened = None
         if options.whiten:
             whitened = _whitened(result, weights_batch, options)
             delta = (whitened[0] * whitened[2][:, None, :]) @ whitened[1].mT
-            rel_errors = weighted_sum_error(delta, compressed.core, weights_batch)
+            rel_errors = weighted_sum_error(delta, core, weights_batch)
         else:
-            rel_errors = _core_rel_errors(compressed.core, result, weights_batch, options)
-        for index, name in enumerate(names):
-            merged[name] = _lift_module(
-                group[index],
-                stacks[name],
-                compressed,
-                result,
-                index,
-                merge_weights[name],
-                options,
-                rank,
-                float(rel_errors[index]),
-                whitened,
-            )
-            bar.update(1)
-    bar.close()
-    return {name: merged[name] for name in stacks}
+            rel_errors = _core_rel_errors(core, result, weights_batch, options)
+        fits[r] = _Fit(result, rel_errors, whitened)
+    return fits
+
+
+def _chosen_ranks(fits: dict[int, _Fit], rank_tol: float) -> list[int]:
+    """Per module, the smallest fitted rank whose fit error is within ``rank_tol`` of the largest's."""
+    full = max(fits)
+    limit = fits[full].result.rel_error.to(torch.float64) + rank_tol
+    chosen = []
+    for index in range(limit.shape[0]):
+        ok = [r for r, fit in fits.items() if float(fit.result.rel_error[index]) <= float(limit[index])]
+        chosen.append(min(ok, default=full))
+    return chosen
 
 
 def _chunk_size(m: int, max_core_bytes: int) -> int:
@@ -393,6 +436,7 @@ def _lift_module(
         fit_error=float(result.rel_error[index]),
         n_iter=int(result.n_iter[index]),
         converged=bool(result.converged[index]),
+        rank=int(gains.shape[0]),
     )
     return pad_rank(merged, rank)
 

@@ -15,7 +15,10 @@ Three measurements, written to one JSON file with the machine, versions and date
 3. ``memory``: in a fresh subprocess, the extra peak resident memory of that merge (VmHWM after the
    merge minus VmRSS before it, with the high-water mark reset in between) against the size of the
    input A/B factors.
-4. ``large`` (not in the default run): one module with N = 50 adapters of rank 64 (M = 3200), merged
+4. ``variants`` (not in the default run): the Mistral-shaped merge with issue 11's cp options
+   (``VARIANTS``: whitened, isotropic, shared components counted once, per-module rank), interleaved
+   with the default in each repeat, as ratios to the default's median.
+5. ``large`` (not in the default run): one module with N = 50 adapters of rank 64 (M = 3200), merged
    with the randomized subspace start and with the explicit eigendecomposition start, alternating.
 
 Timings are medians over ``--repeats`` runs (the dense tensorly method: one run, summed over modules).
@@ -25,6 +28,7 @@ Usage::
     python benchmarks/speed.py                      # everything, 1 thread, results/speed.json
     python benchmarks/speed.py --parts mistral memory --threads 2
     python benchmarks/speed.py --parts large --out benchmarks/results/speed_large.json
+    python benchmarks/speed.py --parts variants --threads 2 --out benchmarks/results/speed_variants.json
     python benchmarks/speed.py --table benchmarks/results/speed.json   # print the README table
 """
 
@@ -239,6 +243,46 @@ def part_mistral(args, sync) -> dict:
     return row
 
 
+VARIANTS = {
+    "default": {},
+    "whiten_isotropic": {"whiten": True, "isotropic": True},
+    "sharing_exponent_1": {"sharing_exponent": 1.0},
+    "rank_tol_0.05": {"rank_tol": 0.05},
+}
+
+
+def part_variants(args, sync) -> dict:
+    """The Mistral-shaped merge with each of ``VARIANTS``, interleaved per repeat; medians and ratios."""
+    from peft_cp_merge import merge_modules
+    from peft_cp_merge.methods.cp import CPOptions
+
+    stacks = _mistral_stacks(args.layers, 10, 16, args.device)
+    weights = {name: [0.1] * 10 for name in stacks}
+    runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(args.repeats):
+        for name, options in VARIANTS.items():
+            sync()
+            start = time.perf_counter()
+            merge_modules(stacks, weights, rank=16, options=CPOptions(**options), progress=False)
+            sync()
+            runs[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(times) for name, times in runs.items()}
+    row = {
+        "layers": args.layers,
+        "modules": len(stacks),
+        "n_adapters": 10,
+        "lora_rank": 16,
+        "cp_rank": 16,
+        "options": VARIANTS,
+        "merge_s": medians,
+        "merge_runs_s": runs,
+        "ratio_to_default": {name: medians[name] / medians["default"] for name in VARIANTS},
+        "target_s": 10.0,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -369,6 +413,14 @@ def print_table(path: Path) -> None:
             f"Extra peak memory of that merge: {r['extra_peak_GB']:.2f} GB = "
             f"{r['extra_peak_over_input']:.2f}x the input factors ({r['input_GB']:.2f} GB)."
         )
+    if "variants" in data:
+        r = data["variants"]
+        print(
+            "Mistral-shaped merge with cp options (median s, ratio to default): "
+            + ", ".join(
+                f"{k} {r['merge_s'][k]:.1f} s ({r['ratio_to_default'][k]:.2f}x)" for k in r["merge_s"]
+            )
+        )
     if "large" in data:
         r = data["large"]
         print(
@@ -387,7 +439,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["compare", "mistral", "memory"],
-        choices=["compare", "mistral", "memory", "large"],
+        choices=["compare", "mistral", "memory", "variants", "large"],
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch/BLAS threads (1 resists noisy neighbours)"
@@ -424,6 +476,8 @@ def main() -> None:
         results["memory"] = part_memory(args)
     if "compare" in args.parts:
         results["compare"] = part_compare(args, sync)
+    if "variants" in args.parts:
+        results["variants"] = part_variants(args, sync)
     if "large" in args.parts:
         results["large"] = part_large(args, sync)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,13 @@ SPECS = (  # in priority order: the stage runs them in this order
         ISO_GRID,
         {"cp_rank": 48, "cp_aggregation": "weighted", "cp_whiten": True, "cp_isotropic": True},
     ),
+    # Each module's rank from its fit curve (issue 11): the fewest of 4/8/12/16 within 0.05 of rank 16.
+    Spec(
+        "cp_rank_tol_r16",
+        "cp",
+        SUM_GRID,
+        {"cp_rank": 16, "cp_aggregation": "weighted", "cp_rank_tol": 0.05},
+    ),
     Spec("peft_ties", "peft", DISJOINT_GRID, {"combination_type": "ties", "density": 0.5}),
     Spec("peft_ties_svd", "peft", DISJOINT_GRID, {"combination_type": "ties_svd", "density": 0.5}),
     # Libraries only: base weights N * size_i / sum(size) (lam = 1/N gives size-proportional weights,

@@ -38,6 +38,8 @@ from tasks import TASKS  # noqa: E402
 from train import load_lora_factors  # noqa: E402
 
 RESULT = HERE / "results" / "strength.json"
+# osrm_eval's specs, then issue 11's cp variants (plain adapters only; skipped where not evaluated)
+STRENGTH_SPECS = (*MERGE_SPECS, "cp_shared_r16", "cp_iso_r16", "cp_iso_r48", "cp_rank_tol_r16")
 log = logging.getLogger("quality.strength")
 
 
@@ -68,7 +70,7 @@ def main() -> None:
         modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
         factors = {m: [factor_maps[t][m] for t in TASKS] for m in modules}
         tasks = [{m: s * b @ a for m, (a, b, s) in factor_maps[t].items()} for t in TASKS]
-        for spec_id in MERGE_SPECS:
+        for spec_id in STRENGTH_SPECS:
             means = val_means(adapters, spec_id)
             if spec_id == "cat" or means is None:
                 continue

@@ -21,7 +21,8 @@ from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_bas
 import peft_cp_merge  # registers combination_type="cp"
 from peft_cp_merge.cli import main
 from peft_cp_merge.engine.compression import LoraStack
-from peft_cp_merge.methods.cp import CPOptions, component_gains, merge_modules
+from peft_cp_merge.methods.cp import CPOptions, merge_modules
+from peft_cp_merge.methods.cp_gains import component_gains
 
 
 def _delta(stack, weights, rank, **options):
@@ -87,7 +88,7 @@ def test_component_gains_divides_by_the_participation_ratio():
         torch.tensor([[[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 1.0]]]), dim=1
     )
     w = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
-    gains = component_gains(lam, c.double(), w, CPOptions(sharing_exponent=1.0))
+    gains = component_gains(lam, c.double(), w, sharing_exponent=1.0)
     # component 0: only adapter 0 (n = 1); component 1: three equal loadings (n = 3); component 2: n = 1
     expected = torch.tensor([[2.0, 1.0 * 3 / math.sqrt(3) / 3, 3.0]], dtype=torch.float64)
     torch.testing.assert_close(gains, expected)
@@ -128,7 +129,7 @@ def test_isotropic_is_linear_in_a_common_weight_and_keeps_zero_gains_at_zero():
     neg, _ = _delta(stack, [-0.5, -0.5], 4, isotropic=True)
     torch.testing.assert_close(neg, -0.5 * one, rtol=1e-6, atol=1e-9)
     gains = component_gains(
-        torch.tensor([[2.0, 0.0, 1.0]]), torch.eye(3)[None], torch.ones(1, 3), CPOptions(isotropic=True)
+        torch.tensor([[2.0, 0.0, 1.0]]), torch.eye(3)[None], torch.ones(1, 3), isotropic=True
     )
     torch.testing.assert_close(gains, torch.tensor([[1.5, 0.0, 1.5]]))
 

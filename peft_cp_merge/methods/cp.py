@@ -55,6 +55,7 @@ from ..engine.compression import CompressedLora, LoraCore, LoraStack, compress_m
 from ..engine.starts import INITS
 from .base import MergedLora, MergeMethod, pad_rank, stack_weights, weighted_sum_error
 from .core_space import polar
+from .cp_gains import AGGREGATIONS, DISJOINT_THRESHOLD, aggregate_loadings, component_gains
 
 __all__ = [
     "AGGREGATIONS",
@@ -68,9 +69,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-AGGREGATIONS = ("weighted", "disjoint")
-DISJOINT_THRESHOLD = 0.1
 
 
 def default_rank(ranks: Sequence[int]) -> int:
@@ -166,7 +164,7 @@ def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, op
     weights, (a, b, c) = canonicalize(
         result.weights.to(torch.float64), tuple(f.to(torch.float64) for f in result.factors)
     )
-    gains = component_gains(weights, c, merge_weights, options)
+    gains = _gains(weights, c, merge_weights, options)
     return weighted_sum_error((a * gains[:, None, :]) @ b.mT, core, merge_weights)
 
 
@@ -174,77 +172,26 @@ def _whitened(result: CPResult, merge_weights: Tensor, options: CPOptions) -> tu
     """Core-space ``(polar(U), polar(V), g)`` of a batch of fits, float64 (``whiten=True``).
 
     ``U``, ``V`` in canonical form (unit columns, the product of all column norms and ALS's weight in
-    ``lambda_r``), so ``g_r`` is the unwhitened gain (:func:`component_gains`).
+    ``lambda_r``), so ``g_r`` is the unwhitened gain (:func:`.component_gains`).
     The polar factor is equivariant under column signs and order, so these choices do not matter.
     """
     weights, (a, b, c) = canonicalize(
         result.weights.to(torch.float64), tuple(f.to(torch.float64) for f in result.factors)
     )
-    gains = component_gains(weights, c, merge_weights, options)
+    gains = _gains(weights, c, merge_weights, options)
     return torch.stack([polar(x) for x in a]), torch.stack([polar(x) for x in b]), gains
 
 
-def aggregate_loadings(weights: Tensor, loadings: Tensor, merge_weights: Tensor, aggregation: str) -> Tensor:
-    """Per-component gains ``g`` of the merged delta.
-
-    Args:
-        weights: CP weights ``lambda`` ``(batch, R)``.
-        loadings: Adapter loadings ``C`` ``(batch, N, R)``, unit columns.
-        merge_weights: ``w`` ``(batch, N)``.
-        aggregation: One of :data:`AGGREGATIONS`.
-
-    Returns:
-        ``(batch, R)``.
-    """
-    contributions = merge_weights[:, :, None].to(loadings) * loadings  # (batch, N, R)
-    if aggregation == "weighted":
-        return weights * contributions.sum(dim=1)
-    if aggregation == "disjoint":
-        elected = torch.sign(contributions.sum(dim=1, keepdim=True))
-        largest = contributions.abs().amax(dim=1, keepdim=True)
-        keep = (torch.sign(contributions) == elected) & (contributions.abs() >= DISJOINT_THRESHOLD * largest)
-        kept = torch.where(keep, contributions, torch.zeros_like(contributions))
-        return weights * kept.sum(dim=1) / keep.sum(dim=1).clamp_min(1)
-    raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
-
-
-def component_gains(weights: Tensor, loadings: Tensor, merge_weights: Tensor, options: CPOptions) -> Tensor:
-    """Per-component gains of the merged delta under ``options`` (float64 inputs give float64).
-
-    :func:`aggregate_loadings`, then the ``sharing_exponent`` and ``isotropic`` rules of the module
-    docstring. Components whose gain is at most ``1e3 R eps`` times the largest stay zero when flattened.
-
-    Args:
-        weights: CP weights ``lambda`` ``(batch, R)``.
-        loadings: Adapter loadings ``C`` ``(batch, N, R)``, unit columns.
-        merge_weights: ``w`` ``(batch, N)``.
-        options: The merge's :class:`CPOptions`.
-
-    Returns:
-        ``(batch, R)``.
-
-    Example:
-        >>> lam, c = torch.ones(1, 2), torch.tensor([[[1.0, 0.6], [0.0, 0.8]]])  # one shared component
-        >>> component_gains(lam, c, torch.ones(1, 2), CPOptions())
-        tensor([[1.0000, 1.4000]])
-        >>> component_gains(lam, c, torch.ones(1, 2), CPOptions(sharing_exponent=1.0))
-        tensor([[1.0000, 0.7143]])
-        >>> component_gains(lam, c, torch.ones(1, 2), CPOptions(isotropic=True))
-        tensor([[1.2000, 1.2000]])
-    """
-    gains = aggregate_loadings(weights, loadings, merge_weights, options.aggregation)
-    if options.sharing_exponent:
-        contributions = (merge_weights[:, :, None].to(loadings) * loadings).abs()
-        squares = contributions.square().sum(dim=1)
-        sharing = torch.where(squares > 0, contributions.sum(dim=1).square() / squares, 1.0)
-        gains = gains / sharing.clamp_min(1.0) ** options.sharing_exponent
-    if options.isotropic:
-        magnitude = gains.abs()
-        eps = torch.finfo(gains.dtype).eps
-        kept = magnitude > 1e3 * gains.shape[-1] * eps * magnitude.amax(dim=-1, keepdim=True)
-        mean = (magnitude * kept).sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(1)
-        gains = torch.where(kept, torch.sign(gains) * mean, torch.zeros_like(gains))
-    return gains
+def _gains(weights: Tensor, loadings: Tensor, merge_weights: Tensor, options: CPOptions) -> Tensor:
+    """:func:`.component_gains` under ``options``."""
+    return component_gains(
+        weights,
+        loadings,
+        merge_weights,
+        aggregation=options.aggregation,
+        sharing_exponent=options.sharing_exponent,
+        isotropic=options.isotropic,
+    )
 
 
 def _split_gains(u: Tensor, v: Tensor, gains: Tensor) -> tuple[Tensor, Tensor]:
@@ -426,7 +373,7 @@ def _lift_module(
             result.factors[2][here].to(torch.float64),
         )
         cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
-        gains = component_gains(cp_weights, c, merge_weights[None].to(c.device), options)[0]
+        gains = _gains(cp_weights, c, merge_weights[None].to(c.device), options)[0]
     lora_A, lora_B = _split_gains(u[0], v[0], gains)
     home, out_dtype = original.lora_A[0].device, original.lora_A[0].dtype
     merged = MergedLora(

@@ -77,12 +77,12 @@ def stage_train(only: list[str] | None) -> None:
         log.info("trained %s: %s", name, record)
 
 
-def stage_clora(k: int) -> None:
+def stage_clora(k: int, init: str = "default") -> None:
     """C-LoRA: the library builder clusters the mixed training instructions and trains one LoRA each."""
     from library_build import build_clora
 
     model, tok = load()
-    build_clora(model, tok, load_tasks(), k=k)
+    build_clora(model, tok, load_tasks(), k=k, init=init)
 
 
 def main() -> None:
@@ -91,6 +91,12 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated adapter names (train stage)")
     parser.add_argument("--part", default=None, help="merge stage: per_task, clora (K=6) or clora_k<K>")
     parser.add_argument("--k", type=int, default=6, help="clora stage: number of clusters")
+    parser.add_argument(
+        "--init",
+        default="default",
+        choices=["default", "osrm"],
+        help="clora stage: adapter initialisation (osrm: cache/<part>_osrm, see library_build.py)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -98,7 +104,7 @@ def main() -> None:
     if args.stage == "train":
         stage_train(args.only.split(",") if args.only else None)
     elif args.stage == "clora":
-        stage_clora(args.k)
+        stage_clora(args.k, args.init)
     elif args.stage == "reference":
         from stages import stage_reference
 

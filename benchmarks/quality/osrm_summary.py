@@ -116,8 +116,9 @@ def summary(part: str = "per_task") -> dict:
 def _training(folder: Path) -> dict:
     """Per cluster of a library: size, tasks, losses, seconds and (OSRM) the initialisation's report."""
     from peft_cp_merge.library import load_library
+    from peft_cp_merge.library.manifest import MANIFEST_FILE
 
-    if not (folder / "manifest.json").exists():
+    if not (folder / MANIFEST_FILE).exists():
         return {}
     manifest = load_library(folder).manifest
     keep = ("steps", "loss_first10", "loss_last10", "seconds", "tasks", "osrm")
@@ -125,6 +126,28 @@ def _training(folder: Path) -> dict:
         entry.folder: {"size": entry.size, **{k: v for k, v in (entry.training or {}).items() if k in keep}}
         for entry in manifest.clusters
     }
+
+
+def _osrm_settings(part: str) -> dict:
+    """The OSRM library's init settings (from its manifest) and whether both libraries cluster alike."""
+    import numpy as np
+
+    from peft_cp_merge.library.manifest import MANIFEST_FILE
+
+    folders = {adapters: library_dir(adapters, part) for adapters in SETS}
+    out = {
+        "library": str(folders["osrm"].relative_to(HERE)),
+        # Not in the manifest (a custom train_fn replaces the training settings there): see library_build.py.
+        "statistics_format": "prompt_template=tasks.chat('{instruction}'), tokenizer EOS <|im_end|>: the "
+        "training sequences; batch_size 8, max_length 512 (TrainingOptions defaults)",
+    }
+    manifest = folders["osrm"] / MANIFEST_FILE
+    if manifest.exists():
+        out["init"] = json.loads(manifest.read_text())["settings"].get("init")
+    labels = [folder / "assignments.npy" for folder in folders.values()]
+    if all(path.exists() for path in labels):
+        out["same_clusters_as_plain"] = bool(np.array_equal(*(np.load(path) for path in labels)))
+    return out
 
 
 def library_summary(part: str) -> dict:
@@ -178,11 +201,7 @@ def library_summary(part: str) -> dict:
                     label = f"{adapters}: {a} - best of {'/'.join(CP_BASELINES)} by validation ({b})"
                 out["gaps"][label] = gap(first, second, plain_ind)
     k = clora_k(part)
-    out["osrm_settings"] = {
-        "library": str(library_dir("osrm", part).relative_to(HERE)),
-        "TrainingOptions": "init='osrm', osrm_examples=64 (library default), osrm_freeze_a=False, "
-        "prompt_template=tasks.chat('{instruction}'), batch_size=8 (default, for the statistics)",
-    }
+    out["osrm_settings"] = _osrm_settings(part)
     out["training"] = {
         adapters: _training(clora_dir(k, "default" if adapters == "plain" else "osrm")) for adapters in SETS
     }

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base
 
 import peft_cp_merge  # registers combination_type="cp"
@@ -231,31 +231,29 @@ def test_gain_options_reach_the_merge_through_add_weighted_adapter(tiny_net):
         assert torch.linalg.matrix_norm(reference - plain.lora_B @ plain.lora_A) > 1e-2
 
 
-def test_gain_flags_reach_the_folder_merge(tmp_path):
+def test_gain_flags_reach_the_folder_merge_and_match_the_in_memory_merge(tmp_path):
     base = tiny_base()
     adapters = [
         str(save_peft_adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=8)),
         str(save_peft_adapter(base, tmp_path / "b", seed=2, r=3, lora_alpha=5)),
     ]
     out = tmp_path / "out"
-    args = [
-        "merge",
-        *adapters,
-        "--weights",
-        "0.7",
-        "0.4",
-        "--rank",
-        "7",
-        "--sharing-exponent",
-        "0.5",
-        "--isotropic",
-        "--out",
-        str(out),
-    ]
+    flags = ["--sharing-exponent", "0.5", "--isotropic", "--whiten", "--rank-tol", "0.2"]
+    args = ["merge", *adapters, "--weights", "0.7", "0.4", "--rank", "5", *flags, "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
     options = json.loads((out / "merge_info.json").read_text())["options"]
     assert options["sharing_exponent"] == 0.5
     assert options["isotropic"] is True
+    assert options["rank_tol"] == 0.2
+
+    model = PeftModel.from_pretrained(tiny_base(), adapters[0], adapter_name="a")
+    model.load_adapter(adapters[1], adapter_name="b")
+    cp_options = {"cp_sharing_exponent": 0.5, "cp_isotropic": True, "cp_whiten": True, "cp_rank_tol": 0.2}
+    model.add_weighted_adapter(["a", "b"], [0.7, 0.4], "m", combination_type="cp", cp_rank=5, **cp_options)
+    model.set_adapter("m")
+    tokens = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(0))
+    loaded = PeftModel.from_pretrained(tiny_base(), str(out))
+    torch.testing.assert_close(loaded(tokens), model(tokens), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "1", True, None])

@@ -134,6 +134,35 @@ def test_isotropic_is_linear_in_a_common_weight_and_keeps_zero_gains_at_zero():
     torch.testing.assert_close(gains, torch.tensor([[1.5, 0.0, 1.5]]))
 
 
+def test_at_full_rank_whitened_cp_is_tsv_and_isotropic_cp_is_tsv_with_a_flat_spectrum():
+    # At R = M the components are each adapter's singular vectors: whitening them is TSV's polar step.
+    from peft_cp_merge.methods.tsv import merge_tsv
+
+    stack = random_stack([3, 2, 3], d_out=17, d_in=13, seed=11)
+    weights = [0.7, 1.2, -0.4]
+    white, _ = _delta(stack, weights, 8, whiten=True)
+    tsv = merge_tsv(stack, weights, rank=8)
+    torch.testing.assert_close(white, tsv.lora_B @ tsv.lora_A, rtol=1e-7, atol=1e-9)
+    flat, _ = _delta(stack, weights, 8, whiten=True, isotropic=True)
+    sigma = torch.linalg.svdvals(tsv.lora_B @ tsv.lora_A)[:8]
+    torch.testing.assert_close(torch.linalg.svdvals(flat)[:8], sigma.mean().expand(8), rtol=1e-7, atol=1e-9)
+
+
+def test_full_rank_components_do_not_depend_on_how_an_adapter_splits_its_delta():
+    stack = random_stack([3, 2], d_out=12, d_in=10, seed=12)
+    q = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    q = q @ torch.diag(torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64))  # not orthogonal
+    resplit = LoraStack(
+        [torch.linalg.solve(q, stack.lora_A[0][0])[None], stack.lora_A[1]],
+        [(stack.lora_B[0][0] @ q)[None], stack.lora_B[1]],
+        stack.scales,
+    )
+    for options in ({"whiten": True}, {"isotropic": True}, {"whiten": True, "isotropic": True}):
+        one, _ = _delta(stack, [1.0, 0.6], 5, **options)
+        two, _ = _delta(resplit, [1.0, 0.6], 5, **options)
+        torch.testing.assert_close(one, two, rtol=1e-7, atol=1e-9)
+
+
 # --------------------------------------------------------------------------------------------------
 # rank_tol: the rank of each module from its fit curve
 # --------------------------------------------------------------------------------------------------

@@ -122,9 +122,26 @@ class KruskalCoreForm:
         return self._grams
 
     def exact_decomposition(self, rank: int) -> tuple[Tensor, Factors]:
-        """The core's own rank-``M`` CP (weights 1), padded with zero components to ``rank >= M``."""
+        """The core's own rank-``M`` CP (weights 1), padded with zero components to ``rank >= M``.
+
+        A rank-``M`` CP of the core is not unique within one adapter's block (its ``r_i`` components
+        share the loading ``e_i``: any basis of its delta's column and row spaces fits). Each block
+        is given its delta's singular vectors, so the components do not depend on how the adapter
+        happens to split ``B_i A_i`` (``B_i Q``, ``Q^-1 A_i`` gives the same ones) and are orthogonal
+        within an adapter: what ``whiten`` and ``isotropic`` act on at full rank.
+        """
         batch, m = self.left.shape[0], self.left.shape[2]
-        factors = (self.left, self.right, self.indicator.expand(batch, -1, -1))
+        left, right = self.left.clone(), self.right.clone()
+        start = 0
+        for r in self.ranks:
+            block = slice(start, start + r)
+            q_left, r_left = torch.linalg.qr(self.left[..., block])
+            q_right, r_right = torch.linalg.qr(self.right[..., block])
+            u, s, vh = torch.linalg.svd(r_left @ r_right.mT)
+            left[..., block] = q_left @ (u * s[..., None, :])
+            right[..., block] = q_right @ vh.mT
+            start += r
+        factors = (left, right, self.indicator.expand(batch, -1, -1))
         factors = tuple(torch.nn.functional.pad(f, (0, rank - m)) for f in factors)
         weights = torch.nn.functional.pad(torch.ones(batch, m).to(self.left), (0, rank - m))
         return weights, factors

@@ -86,6 +86,12 @@ SPECS = (  # in priority order: the stage runs them in this order
         ISO_GRID,
         {"cp_rank": 48, "cp_aggregation": "weighted", "cp_whiten": True, "cp_isotropic": True},
     ),
+    Spec(  # the K = 12 libraries' full rank (M = 96): no decomposition, each adapter's SVD
+        "cp_iso_r96",
+        "cp",
+        ISO_GRID,
+        {"cp_rank": 96, "cp_aggregation": "weighted", "cp_whiten": True, "cp_isotropic": True},
+    ),
     # Each module's rank from its fit curve (issue 11): the fewest of 4/8/12/16 within 0.05 of rank 16.
     Spec(
         "cp_rank_tol_r16",

@@ -67,6 +67,9 @@ SPECS = (  # in priority order: the stage runs them in this order
     # Isotropic merging (issue 11): flat spectra keep weak directions at full strength.
     Spec("iso_c_r48", "core", ISO_GRID, {"method": "iso_c", "rank": 48}),
     Spec("iso_cts_r48", "core", ISO_GRID, {"method": "iso_cts", "rank": 48}),
+    # ... at the K = 12 libraries' rank sum r = 96 (their default; r48 truncates there)
+    Spec("iso_c_r96", "core", ISO_GRID, {"method": "iso_c", "rank": 96}),
+    Spec("iso_cts_r96", "core", ISO_GRID, {"method": "iso_cts", "rank": 96}),
     # The cp gain rules (issue 11): shared components counted once; flat gains in the whitened CP basis.
     Spec(
         "cp_shared_r16",

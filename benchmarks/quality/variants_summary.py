@@ -34,13 +34,14 @@ from osrm_eval import chosen_lam, val_means  # noqa: E402
 from osrm_summary import describe, individual, merged  # noqa: E402
 
 RESULT = HERE / "results" / "cp_variants.json"
-BASELINES = ("tsv_r48", "knots_ties", "iso_c_r48", "iso_cts_r48")
+BASELINES = ("tsv_r48", "knots_ties", "iso_c_r48", "iso_cts_r48", "iso_c_r96", "iso_cts_r96")
 CP_VARIANTS = (
     "cp_weighted_r16",  # the default
     "cp_whiten_r16",
     "cp_shared_r16",
     "cp_iso_r16",
     "cp_iso_r48",
+    "cp_iso_r96",  # the K = 12 libraries' full rank
     "cp_rank_tol_r16",
 )
 DEFAULT = "cp_weighted_r16"

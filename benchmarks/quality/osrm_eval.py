@@ -87,6 +87,11 @@ OUT = EVALS / "osrm"
 SUMMARY = HERE / "results" / "osrm.json"
 SETS = {"plain": ADAPTERS, "osrm": OSRM_ADAPTERS}  # the per-task adapters; libraries: adapter_dirs()
 MERGE_SPECS = ("cat", "cp_weighted_r16", "tsv_r48", "knots_ties", "cp_whiten_r16", "iso_c_r48", "iso_cts_r48")
+# issue 11's cp variants and the K = 12 full-rank specs: run on the plain sets (variants_summary.py)
+VARIANT_SPECS = {
+    "per_task": ("cp_shared_r16", "cp_iso_r16", "cp_iso_r48", "cp_rank_tol_r16"),
+    "clora_k12": ("cp_shared_r16", "cp_iso_r96", "iso_c_r96", "iso_cts_r96"),
+}
 PARTS = ("per_task", "clora_k12")
 PART_SPECS = {
     "per_task": MERGE_SPECS,
@@ -319,7 +324,8 @@ def main(argv=None) -> None:
     parser.add_argument("--part", choices=PARTS, default="per_task", help="task adapters or a library")
     parser.add_argument("--set", choices=sorted(SETS), help="which adapters")
     parser.add_argument("--individual", action="store_true", help="each adapter on its own task (test)")
-    parser.add_argument("--spec", choices=MERGE_SPECS, help="a static merge")
+    all_specs = sorted({s for part in PARTS for s in (*PART_SPECS[part], *VARIANT_SPECS[part])})
+    parser.add_argument("--spec", choices=all_specs, help="a static merge")
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--calibrated", action="store_true", help=f"calibrated cp {CALIBRATED}")
     parser.add_argument(
@@ -335,8 +341,8 @@ def main(argv=None) -> None:
         parser.error("--individual and --calibrated are per-task only")
     if args.part == "per_task" and args.check_reproduction:
         parser.error("--check-reproduction is for a library part")
-    if args.spec and args.spec not in PART_SPECS[args.part]:
-        parser.error(f"--part {args.part} runs {PART_SPECS[args.part]}")
+    if args.spec and args.spec not in (*PART_SPECS[args.part], *VARIANT_SPECS[args.part]):
+        parser.error(f"--part {args.part} runs {PART_SPECS[args.part] + VARIANT_SPECS[args.part]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     if args.individual or args.spec or args.calibrated or args.check_reproduction:

@@ -214,6 +214,11 @@ def _mistral_stacks(layers: int, n_adapters: int, rank: int, device: str):
     return stacks
 
 
+def _mistral_setting(args, stacks) -> dict:
+    """The fixed setting of the Mistral-shaped merges: N = 10 adapters of rank 16, CP rank 16."""
+    return {"layers": args.layers, "modules": len(stacks), "n_adapters": 10, "lora_rank": 16, "cp_rank": 16}
+
+
 def part_mistral(args, sync) -> dict:
     from peft_cp_merge import merge_modules
 
@@ -228,11 +233,7 @@ def part_mistral(args, sync) -> dict:
     errors = [m.fit_error for m in results[-1].values()]
     input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
     row = {
-        "layers": args.layers,
-        "modules": len(stacks),
-        "n_adapters": 10,
-        "lora_rank": 16,
-        "cp_rank": 16,
+        **_mistral_setting(args, stacks),
         "input_GB": input_bytes / 1e9,
         "merge_s": median,
         "merge_runs_s": runs,
@@ -268,11 +269,7 @@ def part_variants(args, sync) -> dict:
             runs[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(times) for name, times in runs.items()}
     row = {
-        "layers": args.layers,
-        "modules": len(stacks),
-        "n_adapters": 10,
-        "lora_rank": 16,
-        "cp_rank": 16,
+        **_mistral_setting(args, stacks),
         "options": VARIANTS,
         "merge_s": medians,
         "merge_runs_s": runs,

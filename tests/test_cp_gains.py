@@ -9,14 +9,13 @@ each module's rank from its fit curve; a module planted with CP rank 2 must get 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base
+from peft import PeftModel
+from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base, two_adapter_model
 
 import peft_cp_merge  # registers combination_type="cp"
 from peft_cp_merge.cli import main
@@ -207,7 +206,7 @@ def test_rank_tol_zero_is_the_fixed_rank_and_one_the_smallest_candidate():
 
 
 def test_add_weighted_adapter_reports_each_modules_rank(tiny_net):
-    model = _two_adapter_model(tiny_net)
+    model = two_adapter_model(tiny_net)
     report = peft_cp_merge.add_cp_weighted_adapter(model, ["x", "y"], [1.0, 1.0], "m", rank=4, rank_tol=1.0)
     assert set(report.module_rank.values()) == {1}
     plain = peft_cp_merge.add_cp_weighted_adapter(model, ["x", "y"], [1.0, 1.0], "p", rank=4)
@@ -219,17 +218,10 @@ def test_add_weighted_adapter_reports_each_modules_rank(tiny_net):
 # --------------------------------------------------------------------------------------------------
 
 
-def _two_adapter_model(tiny_net):
-    config = {"init_lora_weights": False, "target_modules": ["lin0", "lin1"]}
-    model = get_peft_model(copy.deepcopy(tiny_net), LoraConfig(r=3, lora_alpha=6, **config), adapter_name="x")
-    model.add_adapter("y", LoraConfig(r=2, lora_alpha=3, **config))
-    return model
-
-
 def test_gain_options_reach_the_merge_through_add_weighted_adapter(tiny_net):
     from peft.tuners.lora import LoraLayer
 
-    model = _two_adapter_model(tiny_net)
+    model = two_adapter_model(tiny_net)
     options = {"sharing_exponent": 0.8, "isotropic": True}
     model.add_weighted_adapter(
         ["x", "y"],
@@ -304,7 +296,7 @@ def test_bad_isotropic_values_are_refused(value):
 
 
 def test_a_bad_gain_option_is_refused_before_the_model_changes(tiny_net):
-    model = _two_adapter_model(tiny_net)
+    model = two_adapter_model(tiny_net)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"sharing_exponent must be a number from 0 to 1, got 2\.0"):
         model.add_weighted_adapter(

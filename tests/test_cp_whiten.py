@@ -7,7 +7,6 @@ singular values are exactly ``|g_r|`` wherever ``U`` and ``V`` have full column 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import json
@@ -15,9 +14,9 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file
-from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base
+from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base, two_adapter_model
 
 import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
 from peft_cp_merge import add_cp_weighted_adapter
@@ -255,17 +254,10 @@ def test_every_cp_option_is_a_keyword_of_add_cp_weighted_adapter():
         assert parameters[option.name].default == option.default, option.name
 
 
-def _two_adapter_model(tiny_net):
-    config = {"init_lora_weights": False, "target_modules": ["lin0", "lin1"]}
-    model = get_peft_model(copy.deepcopy(tiny_net), LoraConfig(r=3, lora_alpha=6, **config), adapter_name="x")
-    model.add_adapter("y", LoraConfig(r=2, lora_alpha=3, **config))
-    return model
-
-
 def test_cp_whiten_reaches_the_merge_through_add_weighted_adapter(tiny_net):
     from peft.tuners.lora import LoraLayer
 
-    model = _two_adapter_model(tiny_net)
+    model = two_adapter_model(tiny_net)
     weights = [0.9, 1.1]
     for name, whiten in (("white", True), ("plain", False)):
         model.add_weighted_adapter(
@@ -332,7 +324,7 @@ def test_bad_whiten_values_are_refused(value):
 
 
 def test_bad_cp_whiten_is_refused_before_the_model_changes(tiny_net):
-    model = _two_adapter_model(tiny_net)
+    model = two_adapter_model(tiny_net)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="whiten must be True or False, got 'yes'"):
         model.add_weighted_adapter(["x", "y"], [1.0, 1.0], "m", combination_type="cp", cp_whiten="yes")

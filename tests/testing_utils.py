@@ -178,6 +178,17 @@ def tiny_base(seed: int = 0) -> TinyConv1dNet:
     return TinyConv1dNet()
 
 
+def two_adapter_model(net: nn.Module):
+    """A ``PeftModel`` of a copy of ``net`` with two random LoRA adapters on ``lin0``, ``lin1``.
+
+    ``"x"``: r = 3, alpha 6; ``"y"``: r = 2, alpha 3 (different ranks and scalings).
+    """
+    config = {"init_lora_weights": False, "target_modules": ["lin0", "lin1"]}
+    model = get_peft_model(copy.deepcopy(net), LoraConfig(r=3, lora_alpha=6, **config), adapter_name="x")
+    model.add_adapter("y", LoraConfig(r=2, lora_alpha=3, **config))
+    return model
+
+
 def save_peft_adapter(base: nn.Module, path: Path, *, seed: int, **config) -> Path:
     """Save a random adapter with PEFT itself (``init_lora_weights=False``; nothing is trained).
 

@@ -28,7 +28,8 @@ Usage::
     python benchmarks/speed.py                      # everything, 1 thread, results/speed.json
     python benchmarks/speed.py --parts mistral memory --threads 2
     python benchmarks/speed.py --parts large --out benchmarks/results/speed_large.json
-    python benchmarks/speed.py --parts variants --threads 2 --out benchmarks/results/speed_variants.json
+    python benchmarks/speed.py --parts variants --threads 2 \
+        --out benchmarks/results/speed_variants_2threads.json
     python benchmarks/speed.py --table benchmarks/results/speed.json   # print the README table
 """
 

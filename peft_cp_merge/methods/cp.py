@@ -120,7 +120,6 @@ class CPOptions:
         default=False,
         metadata={"help": "replace the CP factors U, V by their polar factors (TSV-style decorrelation)"},
     )
-
     sharing_exponent: float = field(
         default=0.0,
         metadata={"help": "divide each gain by its number of sharing adapters to this power, 0 to 1"},
@@ -129,7 +128,6 @@ class CPOptions:
         default=False,
         metadata={"help": "give every component the mean gain magnitude (Iso-C in the CP basis)"},
     )
-
     rank_tol: float = field(
         default=0.0,
         metadata={"help": "per-module rank: fewest components within this fit error of rank R (0: off)"},

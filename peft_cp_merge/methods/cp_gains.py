@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .iso_c import nonzero
+
 __all__ = ["AGGREGATIONS", "DISJOINT_THRESHOLD", "aggregate_loadings", "component_gains"]
 
 AGGREGATIONS = ("weighted", "disjoint")
@@ -60,7 +62,8 @@ def component_gains(
     """Per-component gains of the merged delta (float64 inputs give float64).
 
     :func:`aggregate_loadings`, then the ``sharing_exponent`` and ``isotropic`` rules of the module
-    docstring. Components whose gain is at most ``1e3 R eps`` times the largest stay zero when flattened.
+    docstring. Components whose gain is at most ``1e3 R eps`` times the largest (:func:`.iso_c.nonzero`)
+    stay zero when flattened.
 
     Args:
         weights: CP weights ``lambda`` ``(batch, R)``.
@@ -90,8 +93,7 @@ def component_gains(
         gains = gains / sharing.clamp_min(1.0) ** sharing_exponent
     if isotropic:
         magnitude = gains.abs()
-        eps = torch.finfo(gains.dtype).eps
-        kept = magnitude > 1e3 * gains.shape[-1] * eps * magnitude.amax(dim=-1, keepdim=True)
+        kept = nonzero(magnitude, magnitude.amax(dim=-1, keepdim=True), gains.shape[-1])
         mean = (magnitude * kept).sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True).clamp_min(1)
         gains = torch.where(kept, torch.sign(gains) * mean, torch.zeros_like(gains))
     return gains

@@ -17,6 +17,7 @@ words:
 - :func:`check_rank_bound`: a merged rank above the largest total input rank ``sum r_i`` of any module
   only adds all-zero components (a bigger file, no other change), so it is refused.
 - :func:`check_device`: a device string torch understands and that exists here.
+- :func:`is_fraction`: a real number from 0 to 1 (method options such as exponents and shares).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "check_lora_config",
     "check_merge_weights",
     "check_rank_bound",
+    "is_fraction",
 ]
 
 # Config fields that change what the adapter computes beyond ``s * B @ A``: refused when set.
@@ -233,3 +235,13 @@ def check_device(device: torch.device | str | None) -> torch.device | None:
     elif parsed.type not in ("cpu", "mps", "xpu"):
         raise ValueError(f"Unsupported device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
     return parsed
+
+
+def is_fraction(value: object) -> bool:
+    """Whether ``value`` is a real number from 0 to 1 (not a bool, not NaN).
+
+    Example:
+        >>> is_fraction(0.5), is_fraction(1), is_fraction(True), is_fraction(float("nan")), is_fraction("0.5")
+        (True, True, False, False, False)
+    """
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from ..engine.als import CPResult, canonicalize, check_options, check_rank, cp_als
 from ..engine.compression import CompressedLora, LoraCore, LoraStack, compress_many, lift
 from ..engine.starts import INITS
+from ..input_checks import is_fraction
 from .base import MergedLora, MergeMethod, pad_rank, stack_weights, weighted_sum_error
 from .core_space import polar
 from .cp_gains import AGGREGATIONS, DISJOINT_THRESHOLD, aggregate_loadings, component_gains
@@ -144,12 +145,9 @@ class CPOptions:
         for name in ("whiten", "isotropic"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        exponent = self.sharing_exponent
-        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent <= 1:
-            raise ValueError(f"sharing_exponent must be a number from 0 to 1, got {exponent!r}")
-        tol = self.rank_tol
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
-            raise ValueError(f"rank_tol must be a number from 0 to 1, got {tol!r}")
+        for name in ("sharing_exponent", "rank_tol"):
+            if not is_fraction(getattr(self, name)):
+                raise ValueError(f"{name} must be a number from 0 to 1, got {getattr(self, name)!r}")
 
 
 def _core_rel_errors(core: LoraCore, result: CPResult, merge_weights: Tensor, options: CPOptions) -> Tensor:

@@ -41,7 +41,6 @@ Reference:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ..engine.compression import LoraStack, compress
+from ..input_checks import is_fraction
 from .base import MergedLora, MergeMethod
 from .core_space import check_rank, core_slices, module_weights, per_module
 from .iso_c import lift_components, nonzero, share_outside
@@ -77,12 +77,7 @@ class IsoCTSOptions:
 
     def __post_init__(self) -> None:
         value = self.common_space_fraction
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or not 0 <= value <= 1
-        ):
+        if not is_fraction(value):
             raise ValueError(f"common_space_fraction must be a number in [0, 1], got {value!r}")
 
 

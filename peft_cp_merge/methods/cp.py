@@ -320,14 +320,14 @@ def _fit_chunk(core: LoraCore, full_rank: int, weights_batch: Tensor, options: C
 
 
 def _chosen_ranks(fits: dict[int, _Fit], rank_tol: float) -> list[int]:
-    """Per module, the smallest fitted rank whose fit error is within ``rank_tol`` of the largest's."""
-    full = max(fits)
-    limit = fits[full].result.rel_error.to(torch.float64) + rank_tol
-    chosen = []
-    for index in range(limit.shape[0]):
-        ok = [r for r, fit in fits.items() if float(fit.result.rel_error[index]) <= float(limit[index])]
-        chosen.append(min(ok, default=full))
-    return chosen
+    """Per module, the smallest fitted rank whose fit error is within ``rank_tol`` of the largest's.
+
+    The largest rank always qualifies, so every module gets one.
+    """
+    ranks = sorted(fits)
+    errors = torch.stack([fits[r].result.rel_error.to(torch.float64) for r in ranks])  # (ranks, batch)
+    first = (errors <= errors[-1] + rank_tol).int().argmax(dim=0)
+    return [ranks[i] for i in first.tolist()]
 
 
 def _chunk_size(m: int, max_core_bytes: int) -> int:

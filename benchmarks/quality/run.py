@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from base_model import load  # noqa: E402
+from library_build import INITS  # noqa: E402
 from tasks import TASKS, load_tasks  # noqa: E402
 from train import TrainConfig, train_adapter  # noqa: E402
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument(
         "--init",
         default="default",
-        choices=["default", "osrm"],
+        choices=INITS,
         help="clora stage: adapter initialisation (osrm: cache/<part>_osrm, see library_build.py)",
     )
     args = parser.parse_args()

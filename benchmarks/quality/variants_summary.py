@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 
 from fewshot_summary import gap  # noqa: E402
 from osrm_eval import chosen_lam, val_means  # noqa: E402
-from osrm_summary import describe, individual, merged  # noqa: E402
+from osrm_summary import best_static, describe, individual, merged  # noqa: E402
 
 RESULT = HERE / "results" / "cp_variants.json"
 BASELINES = ("tsv_r48", "knots_ties", "iso_c_r48", "iso_cts_r48", "iso_c_r96", "iso_cts_r96")
@@ -57,17 +57,10 @@ def _entry(spec: str, part: str, ref: dict) -> dict | None:
     return {"lam": lam, "validation": max(means.values()) if means else None, **describe(result, ref, None)}
 
 
-def _best(entries: dict, specs) -> str | None:
-    scored = [
-        (entries[s]["validation"], s) for s in specs if s in entries and entries[s]["validation"] is not None
-    ]
-    return max(scored)[1] if scored else None
-
-
 def part_summary(part: str, ref: dict) -> dict:
     entries = {s: e for s in ("cat", *BASELINES, *CP_VARIANTS) if (e := _entry(s, part, ref))}
     results = {s: merged("plain", s, part) for s in entries}
-    best_base, best_cp = _best(entries, BASELINES), _best(entries, CP_VARIANTS)
+    best_base, best_cp = (best_static("plain", part, specs) for specs in (BASELINES, CP_VARIANTS))
     gaps = {}
     if best_base and best_cp:
         gaps[f"best cp ({best_cp}) - best baseline ({best_base})"] = gap(

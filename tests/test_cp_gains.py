@@ -15,18 +15,13 @@ import math
 import pytest
 import torch
 from peft import PeftModel
-from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base, two_adapter_model
+from testing_utils import cp_delta, orthonormal, random_stack, save_peft_adapter, tiny_base, two_adapter_model
 
 import peft_cp_merge  # registers combination_type="cp"
 from peft_cp_merge.cli import main
 from peft_cp_merge.engine.compression import LoraStack
 from peft_cp_merge.methods.cp import CPOptions, merge_modules
 from peft_cp_merge.methods.cp_gains import component_gains
-
-
-def _delta(stack, weights, rank, **options):
-    merged = merge_modules({"m": stack}, {"m": weights}, rank=rank, options=CPOptions(**options))["m"]
-    return merged.lora_B @ merged.lora_A, merged
 
 
 def _planted(a=3.0, b=1.5, s=2.0, seed=0):
@@ -52,7 +47,7 @@ def test_a_shared_component_is_counted_once_at_gamma_one(gamma, shared):
     # Loadings: specific components e_1, e_2; the shared one (1, 1) / sqrt(2) with lambda = 2 sqrt(2),
     # so n = 2 and its gain is 2 s / 2 ** gamma. The specific ones (n = 1) keep a and b.
     stack, (p1, p2, p0) = _planted()
-    delta, merged = _delta(stack, [1.0, 1.0], 3, sharing_exponent=gamma)
+    delta, merged = cp_delta(stack, [1.0, 1.0], 3, sharing_exponent=gamma)
     expected = 3.0 * p1 + 1.5 * p2 + shared * 2.0 * p0
     torch.testing.assert_close(delta, expected.to(delta), rtol=1e-7, atol=1e-9)
     sum_delta = 3.0 * p1 + 1.5 * p2 + 4.0 * p0
@@ -64,7 +59,7 @@ def test_an_adapter_with_weight_zero_does_not_count_as_sharing():
     # With w = (1, 0) only adapter 1 uses the shared component: n = 1, the merge is adapter 1 itself.
     stack, (p1, _, p0) = _planted()
     for gamma in (0.0, 0.5, 1.0):
-        delta, merged = _delta(stack, [1.0, 0.0], 3, sharing_exponent=gamma)
+        delta, merged = cp_delta(stack, [1.0, 0.0], 3, sharing_exponent=gamma)
         torch.testing.assert_close(delta, (3.0 * p1 + 2.0 * p0).to(delta), rtol=1e-7, atol=1e-9)
         assert merged.rel_error == pytest.approx(0.0, abs=1e-9)
 
@@ -72,9 +67,9 @@ def test_an_adapter_with_weight_zero_does_not_count_as_sharing():
 @pytest.mark.parametrize("aggregation", ["weighted", "disjoint"])
 def test_sharing_scales_with_the_weights_and_never_raises_a_gain(aggregation):
     stack = random_stack([3, 2, 4], d_out=14, d_in=11, seed=3)
-    plain, _ = _delta(stack, [0.6, 0.9, 0.4], 6, aggregation=aggregation)
-    shared, _ = _delta(stack, [0.6, 0.9, 0.4], 6, aggregation=aggregation, sharing_exponent=0.7)
-    doubled, _ = _delta(stack, [1.2, 1.8, 0.8], 6, aggregation=aggregation, sharing_exponent=0.7)
+    plain, _ = cp_delta(stack, [0.6, 0.9, 0.4], 6, aggregation=aggregation)
+    shared, _ = cp_delta(stack, [0.6, 0.9, 0.4], 6, aggregation=aggregation, sharing_exponent=0.7)
+    doubled, _ = cp_delta(stack, [1.2, 1.8, 0.8], 6, aggregation=aggregation, sharing_exponent=0.7)
     torch.testing.assert_close(doubled, 2 * shared, rtol=1e-6, atol=1e-9)
     # n_r >= 1, so every gain shrinks or stays: the merged delta's norm cannot grow
     assert torch.linalg.matrix_norm(shared, "nuc") <= torch.linalg.matrix_norm(plain, "nuc") * (1 + 1e-9)
@@ -101,8 +96,8 @@ def test_component_gains_divides_by_the_participation_ratio():
 def test_isotropic_whitened_merge_has_a_flat_spectrum_with_the_mean_gain():
     stack = random_stack([3, 3, 2], d_out=18, d_in=15, seed=5)
     weights = [0.8, 1.1, 0.5]
-    white, _ = _delta(stack, weights, 6, whiten=True)
-    flat, merged = _delta(stack, weights, 6, whiten=True, isotropic=True)
+    white, _ = cp_delta(stack, weights, 6, whiten=True)
+    flat, merged = cp_delta(stack, weights, 6, whiten=True, isotropic=True)
     sigma_white = torch.linalg.svdvals(white)[:6]
     sigma_flat = torch.linalg.svdvals(flat)
     torch.testing.assert_close(sigma_flat[:6], sigma_white.mean().expand(6), rtol=1e-6, atol=1e-9)
@@ -115,17 +110,17 @@ def test_isotropic_whitened_merge_has_a_flat_spectrum_with_the_mean_gain():
 
 def test_isotropic_on_orthogonal_components_equals_a_dense_reference():
     stack, (p1, p2, p0) = _planted()
-    delta, _ = _delta(stack, [1.0, 1.0], 3, isotropic=True)
+    delta, _ = cp_delta(stack, [1.0, 1.0], 3, isotropic=True)
     mean = (3.0 + 1.5 + 4.0) / 3  # gains a, b and 2 s
     torch.testing.assert_close(delta, (mean * (p1 + p2 + p0)).to(delta), rtol=1e-7, atol=1e-9)
-    both, _ = _delta(stack, [1.0, 1.0], 3, isotropic=True, sharing_exponent=1.0)
+    both, _ = cp_delta(stack, [1.0, 1.0], 3, isotropic=True, sharing_exponent=1.0)
     torch.testing.assert_close(both, ((3.0 + 1.5 + 2.0) / 3 * (p1 + p2 + p0)).to(both), rtol=1e-7, atol=1e-9)
 
 
 def test_isotropic_is_linear_in_a_common_weight_and_keeps_zero_gains_at_zero():
     stack = random_stack([2, 2], d_out=10, d_in=9, seed=7)
-    one, _ = _delta(stack, [1.0, 1.0], 4, isotropic=True)
-    neg, _ = _delta(stack, [-0.5, -0.5], 4, isotropic=True)
+    one, _ = cp_delta(stack, [1.0, 1.0], 4, isotropic=True)
+    neg, _ = cp_delta(stack, [-0.5, -0.5], 4, isotropic=True)
     torch.testing.assert_close(neg, -0.5 * one, rtol=1e-6, atol=1e-9)
     gains = component_gains(
         torch.tensor([[2.0, 0.0, 1.0]]), torch.eye(3)[None], torch.ones(1, 3), isotropic=True
@@ -139,10 +134,10 @@ def test_at_full_rank_whitened_cp_is_tsv_and_isotropic_cp_is_tsv_with_a_flat_spe
 
     stack = random_stack([3, 2, 3], d_out=17, d_in=13, seed=11)
     weights = [0.7, 1.2, -0.4]
-    white, _ = _delta(stack, weights, 8, whiten=True)
+    white, _ = cp_delta(stack, weights, 8, whiten=True)
     tsv = merge_tsv(stack, weights, rank=8)
     torch.testing.assert_close(white, tsv.lora_B @ tsv.lora_A, rtol=1e-7, atol=1e-9)
-    flat, _ = _delta(stack, weights, 8, whiten=True, isotropic=True)
+    flat, _ = cp_delta(stack, weights, 8, whiten=True, isotropic=True)
     sigma = torch.linalg.svdvals(tsv.lora_B @ tsv.lora_A)[:8]
     torch.testing.assert_close(torch.linalg.svdvals(flat)[:8], sigma.mean().expand(8), rtol=1e-7, atol=1e-9)
 
@@ -157,8 +152,8 @@ def test_full_rank_components_do_not_depend_on_how_an_adapter_splits_its_delta()
         stack.scales,
     )
     for options in ({"whiten": True}, {"isotropic": True}, {"whiten": True, "isotropic": True}):
-        one, _ = _delta(stack, [1.0, 0.6], 5, **options)
-        two, _ = _delta(resplit, [1.0, 0.6], 5, **options)
+        one, _ = cp_delta(stack, [1.0, 0.6], 5, **options)
+        two, _ = cp_delta(resplit, [1.0, 0.6], 5, **options)
         torch.testing.assert_close(one, two, rtol=1e-7, atol=1e-9)
 
 

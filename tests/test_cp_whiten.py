@@ -16,7 +16,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from testing_utils import orthonormal, random_stack, save_peft_adapter, tiny_base, two_adapter_model
+from testing_utils import cp_delta, orthonormal, random_stack, save_peft_adapter, tiny_base, two_adapter_model
 
 import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
 from peft_cp_merge import add_cp_weighted_adapter
@@ -29,11 +29,6 @@ from peft_cp_merge.methods.cp import DISJOINT_THRESHOLD, CPOptions, merge_module
 def _stack(lora_B, lora_A, scales) -> LoraStack:
     """One-module stack from per-adapter ``lora_B`` ``(d_out, r)`` and ``lora_A`` ``(r, d_in)``."""
     return LoraStack([a[None] for a in lora_A], [b[None] for b in lora_B], scales)
-
-
-def _delta(stack, weights, rank, **options):
-    merged = merge_modules({"m": stack}, {"m": weights}, rank=rank, options=CPOptions(**options))["m"]
-    return merged.lora_B @ merged.lora_A, merged
 
 
 def _pair(d: int, cos: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +56,8 @@ def test_orthogonal_components_are_left_unchanged(aggregation):
     ]
     stack = _stack(lora_B, lora_A, [0.5, 2.0, 1.0])
     weights = [0.8, -0.4, 1.3]
-    plain, plain_merged = _delta(stack, weights, 6, aggregation=aggregation)
-    white, white_merged = _delta(stack, weights, 6, aggregation=aggregation, whiten=True)
+    plain, plain_merged = cp_delta(stack, weights, 6, aggregation=aggregation)
+    white, white_merged = cp_delta(stack, weights, 6, aggregation=aggregation, whiten=True)
     scale = torch.linalg.matrix_norm(plain)
     assert scale > 1
     assert torch.linalg.matrix_norm(white - plain) / scale < 1e-10
@@ -95,8 +90,8 @@ def test_a_shared_direction_is_double_counted_unwhitened_but_not_whitened():
     # g U V^T has singular values g (1 + c), g (1 - c); whitened, g P_U P_V^T has g, g.
     g, c = 3.0, 0.99
     stack = _overlapping(c, c, (g, g))
-    plain, _ = _delta(stack, [1.0, 1.0], 2)
-    white, _ = _delta(stack, [1.0, 1.0], 2, whiten=True)
+    plain, _ = cp_delta(stack, [1.0, 1.0], 2)
+    white, _ = cp_delta(stack, [1.0, 1.0], 2, whiten=True)
     plain_s = torch.linalg.svdvals(plain)[:2]
     white_s = torch.linalg.svdvals(white)[:2]
     torch.testing.assert_close(
@@ -110,14 +105,14 @@ def test_whitened_singular_values_are_the_gains():
     # (polar factors have orthonormal columns); unwhitened, the shared direction gets nearly g_1 + g_2.
     gains = (3.0, 2.0)
     stack = _overlapping(0.99, 0.97, gains)
-    plain, _ = _delta(stack, [1.0, 1.0], 2)
-    white, _ = _delta(stack, [1.0, 1.0], 2, whiten=True)
+    plain, _ = cp_delta(stack, [1.0, 1.0], 2)
+    white, _ = cp_delta(stack, [1.0, 1.0], 2, whiten=True)
     torch.testing.assert_close(
         torch.linalg.svdvals(white)[:2], torch.tensor(gains, dtype=torch.float64), rtol=0, atol=1e-10
     )
     assert torch.linalg.svdvals(plain)[0] > 0.95 * sum(gains)
     # merge weights scale the gains: w = (0.5, 2) gives g_1 / 2 and 2 g_2
-    white_w, _ = _delta(stack, [0.5, 2.0], 2, whiten=True)
+    white_w, _ = cp_delta(stack, [0.5, 2.0], 2, whiten=True)
     torch.testing.assert_close(
         torch.linalg.svdvals(white_w)[:2], torch.tensor([4.0, 1.5], dtype=torch.float64), rtol=0, atol=1e-10
     )
@@ -127,8 +122,8 @@ def test_identical_adapters_merge_to_their_mean_gain_whitened():
     # Exactly shared direction: U = [u, u] is rank-deficient; the canonical polar factor (partial
     # isometry) gives (g_1 + g_2) / 2 u v^T, where the unwhitened sum gives g_1 + g_2.
     stack = _overlapping(1.0, 1.0, (3.0, 3.0))
-    plain, _ = _delta(stack, [1.0, 1.0], 2)
-    white, _ = _delta(stack, [1.0, 1.0], 2, whiten=True)
+    plain, _ = cp_delta(stack, [1.0, 1.0], 2)
+    white, _ = cp_delta(stack, [1.0, 1.0], 2, whiten=True)
     torch.testing.assert_close(
         torch.linalg.svdvals(plain)[:2], torch.tensor([6.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-9
     )
@@ -271,7 +266,7 @@ def test_cp_whiten_reaches_the_merge_through_add_weighted_adapter(tiny_net):
             [layer.lora_B[a].weight.detach()[None] for a in ("x", "y")],
             [layer.scaling[a] for a in ("x", "y")],
         )
-        expected, _ = _delta(stack, weights, 5, whiten=True)
+        expected, _ = cp_delta(stack, weights, 5, whiten=True)
         white, plain = (layer.get_delta_weight(n).detach() for n in ("white", "plain"))
         torch.testing.assert_close(white, expected, rtol=1e-5, atol=1e-6)
         assert torch.linalg.matrix_norm(white - plain) > 1e-2 * torch.linalg.matrix_norm(plain), name

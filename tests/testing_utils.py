@@ -178,6 +178,14 @@ def tiny_base(seed: int = 0) -> TinyConv1dNet:
     return TinyConv1dNet()
 
 
+def cp_delta(stack: LoraStack, weights: Sequence[float], rank: int, **options):
+    """One module's ``"cp"`` merge with ``CPOptions(**options)``: ``(lora_B @ lora_A, MergedLora)``."""
+    from peft_cp_merge.methods.cp import CPOptions, merge_modules
+
+    merged = merge_modules({"m": stack}, {"m": weights}, rank=rank, options=CPOptions(**options))["m"]
+    return merged.lora_B @ merged.lora_A, merged
+
+
 def two_adapter_model(net: nn.Module):
     """A ``PeftModel`` of a copy of ``net`` with two random LoRA adapters on ``lin0``, ``lin1``.
 

@@ -95,6 +95,15 @@ SPECS = (  # in priority order: the stage runs them in this order
         ISO_GRID,
         {"cp_rank": 96, "cp_aggregation": "weighted", "cp_whiten": True, "cp_isotropic": True},
     ),
+    # Issue 11's pooled regime (18 adapters of rank 8, 6 tasks x 3 seeds): full rank sum r = 144.
+    Spec("tsv_r144", "core", SUM_GRID, {"method": "tsv", "rank": 144}),
+    Spec("iso_cts_r144", "core", ISO_GRID, {"method": "iso_cts", "rank": 144}),
+    Spec(
+        "cp_iso_r144",
+        "cp",
+        ISO_GRID,
+        {"cp_rank": 144, "cp_aggregation": "weighted", "cp_whiten": True, "cp_isotropic": True},
+    ),
     # Each module's rank from its fit curve (issue 11): the fewest of 4/8/12/16 within 0.05 of rank 16.
     Spec(
         "cp_rank_tol_r16",

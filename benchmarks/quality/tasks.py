@@ -119,10 +119,10 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def _generated_splits(task: str, seed: int) -> dict[str, list[Example]]:
+def _generated_splits(task: str, seed: int, extra_validation: int = 0) -> dict[str, list[Example]]:
     """Draw unique prompts until every split is full; splits never share a prompt."""
     rng = random.Random(f"{task}-{seed}")
-    total = sum(SPLIT_SIZES.values())
+    total = sum(SPLIT_SIZES.values()) + extra_validation
     seen: dict[str, str] = {}
     for _ in range(100 * total):
         if len(seen) == total:
@@ -132,14 +132,18 @@ def _generated_splits(task: str, seed: int) -> dict[str, list[Example]]:
     if len(seen) < total:
         raise RuntimeError(f"Task {task}: only {len(seen)} distinct prompts, {total} needed")
     items = [Example(task, p, a) for p, a in seen.items()]
-    return _cut(items)
+    return _cut(items, extra_validation)
 
 
-def _cut(items: list[Example]) -> dict[str, list[Example]]:
+def _cut(items: list[Example], extra_validation: int = 0) -> dict[str, list[Example]]:
+    """Test, validation, train in draw order; ``extra_validation`` more items drawn after train are
+    appended to validation (so the first ``SPLIT_SIZES["validation"]`` and every other split are
+    the same with or without them)."""
     out, start = {}, 0
     for split in ("test", "validation", "train"):
         out[split] = items[start : start + SPLIT_SIZES[split]]
         start += SPLIT_SIZES[split]
+    out["validation"] = out["validation"] + items[start : start + extra_validation]
     return out
 
 
@@ -159,7 +163,7 @@ def _bbc_prompt(text: str, max_words: int = 14) -> str:
     return f"News: {title}. {' '.join(body[:max_words])}\nTopic of this news article?"
 
 
-def _bbc_splits(seed: int) -> dict[str, list[Example]]:
+def _bbc_splits(seed: int, extra_validation: int = 0) -> dict[str, list[Example]]:
     rng = random.Random(f"bbc_topic-{seed}")
     items = []
     for folder in sorted(bbc_folder().iterdir()):
@@ -168,22 +172,26 @@ def _bbc_splits(seed: int) -> dict[str, list[Example]]:
             items.append(Example("bbc_topic", _bbc_prompt(text), folder.name))
     unique = list({e.prompt: e for e in items}.values())
     rng.shuffle(unique)
-    return _cut(unique)
+    return _cut(unique, extra_validation)
 
 
 TASKS = ("add_sub", "reverse_words", "date_format", "unit_convert", "json_lookup", "bbc_topic")
 
 
-def load_tasks(seed: int = 0) -> dict[str, dict[str, list[Example]]]:
-    """Return ``{task: {split: [Example, ...]}}`` for every family in :data:`TASKS`."""
-    out = {t: _generated_splits(t, seed) for t in TASKS if t in GENERATORS}
-    out["bbc_topic"] = _bbc_splits(seed)
+def load_tasks(seed: int = 0, *, extra_validation: int = 0) -> dict[str, dict[str, list[Example]]]:
+    """Return ``{task: {split: [Example, ...]}}`` for every family in :data:`TASKS`.
+
+    ``extra_validation`` > 0 appends that many further items (drawn after the training split) to each
+    validation split; the other splits and the first validation items are unchanged.
+    """
+    out = {t: _generated_splits(t, seed, extra_validation) for t in TASKS if t in GENERATORS}
+    out["bbc_topic"] = _bbc_splits(seed, extra_validation)
     for task, splits in out.items():
         prompts = [{e.prompt for e in splits[s]} for s in ("train", "validation", "test")]
         if prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2]:
             raise RuntimeError(f"Task {task}: splits overlap")
         for split, size in SPLIT_SIZES.items():
-            if len(splits[split]) < min(size, 50):
+            if len(splits[split]) < min(size, 50) + (extra_validation if split == "validation" else 0):
                 raise RuntimeError(f"Task {task}: only {len(splits[split])} {split} items")
     return {t: out[t] for t in TASKS}
 

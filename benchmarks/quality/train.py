@@ -110,15 +110,22 @@ def fit(model, tok, examples: list[Example], cfg: TrainConfig, *, steps: int, ta
 
 
 def train_adapter(
-    base, tok, examples: list[Example], name: str, cfg: TrainConfig, *, steps: int | None = None
+    base,
+    tok,
+    examples: list[Example],
+    name: str,
+    cfg: TrainConfig,
+    *,
+    steps: int | None = None,
+    root: Path = ADAPTERS,
 ):
-    """Train one LoRA on ``examples`` and save it to ``ADAPTERS / name``; return its training record.
+    """Train one LoRA on ``examples`` and save it to ``root / name``; return its training record.
 
     Skipped when the record exists. ``base`` is left unchanged (the LoRA is unloaded after saving).
     """
     from peft import get_peft_model
 
-    out_dir = ADAPTERS / name
+    out_dir = root / name
     record_path = out_dir / "train_record.json"
     if record_path.exists():
         return json.loads(record_path.read_text())

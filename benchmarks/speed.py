@@ -16,8 +16,9 @@ Three measurements, written to one JSON file with the machine, versions and date
    merge minus VmRSS before it, with the high-water mark reset in between) against the size of the
    input A/B factors.
 4. ``variants`` (not in the default run): the Mistral-shaped merge with issue 11's cp options
-   (``VARIANTS``: whitened, isotropic, shared components counted once, per-module rank), interleaved
-   with the default in each repeat, as ratios to the default's median.
+   (``VARIANTS``: whitened, isotropic, shared components counted once, per-module rank, and whitened +
+   isotropic at the full rank ``sum r`` = 160), interleaved with the rank-16 sum-like cp in each
+   repeat, as ratios to its median.
 5. ``large`` (not in the default run): one module with N = 50 adapters of rank 64 (M = 3200), merged
    with the randomized subspace start and with the explicit eigendecomposition start, alternating.
 
@@ -245,11 +246,15 @@ def part_mistral(args, sync) -> dict:
     return row
 
 
+# Every option spelled out (a change of CPOptions' defaults cannot change a row); "rank" is the CP rank
+# (160 = sum r: the exact CP, each adapter's SVD, no ALS).
+RANK_16 = {"whiten": False, "isotropic": False, "rank": 16}
 VARIANTS = {
-    "default": {},
-    "whiten_isotropic": {"whiten": True, "isotropic": True},
-    "sharing_exponent_1": {"sharing_exponent": 1.0},
-    "rank_tol_0.05": {"rank_tol": 0.05},
+    "default": RANK_16,
+    "whiten_isotropic": {"whiten": True, "isotropic": True, "rank": 16},
+    "sharing_exponent_1": {**RANK_16, "sharing_exponent": 1.0},
+    "rank_tol_0.05": {**RANK_16, "rank_tol": 0.05},
+    "whiten_isotropic_full_rank": {"whiten": True, "isotropic": True, "rank": 160},
 }
 
 
@@ -262,10 +267,11 @@ def part_variants(args, sync) -> dict:
     weights = {name: [0.1] * 10 for name in stacks}
     runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
-        for name, options in VARIANTS.items():
+        for name, spelled in VARIANTS.items():
+            options = {k: v for k, v in spelled.items() if k != "rank"}
             sync()
             start = time.perf_counter()
-            merge_modules(stacks, weights, rank=16, options=CPOptions(**options), progress=False)
+            merge_modules(stacks, weights, rank=spelled["rank"], options=CPOptions(**options), progress=False)
             sync()
             runs[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(times) for name, times in runs.items()}

@@ -124,6 +124,8 @@ SPECS = (  # in priority order: the stage runs them in this order
     ),
 )
 SIZE_WEIGHTED = ("cat_size", "cp_weighted_r16_size")
+# The cp options every cp spec above leaves out, at the values they were measured with.
+CP_SPELLED = {"cp_whiten": False, "cp_isotropic": False, "cp_sharing_exponent": 0.0, "cp_rank_tol": 0.0}
 CLORA_SPECS = tuple(spec.id for spec in SPECS)  # every method, on the libraries too
 
 
@@ -237,6 +239,7 @@ def _compute(spec: Spec, factors, base, dirs: dict[str, Path], cache: dict) -> t
         cache["peft"] = merges.peft_model_with(base, dirs)
     peft_model, names = cache["peft"], list(dirs)
     if spec.kind == "cp":
+        params = CP_SPELLED | params  # a spec is the same merge whatever CPOptions' defaults are
         deltas, secs = merges.timed(merges.peft_merge, peft_model, names, "cp", weights, **params)
         if weights is None:
             extra["homogeneity_rel_diff"] = merges.check_homogeneous(peft_model, names, deltas, **params)

@@ -54,6 +54,9 @@ OUT = EVALS / "calibration"
 SUMMARY = HERE / "results" / "calibration_prelim.json"
 CALIBRATED = HERE / "cache" / "calibrated"
 MERGED = "cp"
+# The static cp that calibration starts from, as measured: rank 16 = min(2 max r, sum r), weighted
+# gains, no whitening (spelled out, so that a change of the cp defaults cannot change it).
+STATIC_CP = {"cp_rank": 16, "cp_aggregation": "weighted", "cp_whiten": False, "cp_isotropic": False}
 log = logging.getLogger("quality.calibration")
 
 
@@ -80,7 +83,9 @@ def merged_model(base, adapters: Path = ADAPTERS):
 
     peft_model = merges.peft_model_with(base, {t: adapters / t for t in TASKS})
     start = time.perf_counter()
-    peft_model.add_weighted_adapter(list(TASKS), [1 / len(TASKS)] * len(TASKS), MERGED, combination_type="cp")
+    peft_model.add_weighted_adapter(
+        list(TASKS), [1 / len(TASKS)] * len(TASKS), MERGED, combination_type="cp", **STATIC_CP
+    )
     seconds = time.perf_counter() - start
     cfg = peft_model.peft_config[MERGED]
     log.info("cp merge: rank %d in %.1f s", cfg.r, seconds)
@@ -259,7 +264,7 @@ def summary(items: int) -> dict:
         "question": "calibrated (peft_cp_merge.calibrate) vs static default cp merge of the 6 adapters",
         "test_items_per_task": items,
         "merge": {
-            "call": 'add_weighted_adapter(tasks, [1/6]*6, "cp", combination_type="cp")',
+            "call": f'add_weighted_adapter(tasks, [1/6]*6, "cp", combination_type="cp", **{STATIC_CP})',
             "cp_rank": static.get("cp_rank"),
             "merge_seconds": static.get("merge_seconds"),
         },

@@ -43,6 +43,7 @@ from protocol import (  # noqa: E402
 from run import environment  # noqa: E402
 from stages import EVALS  # noqa: E402
 from tasks import TASKS  # noqa: E402
+from variants_summary import _ci  # noqa: E402
 
 RESULT = HERE / "results" / "protocol.json"
 N_BOOT = 2000
@@ -192,10 +193,6 @@ def summary() -> dict:
     result["multitask_ceiling_seed0"] = ceiling
     result["strength_norm_rule"] = strength()
     return result
-
-
-def _ci(g: dict) -> str:
-    return f"{g['gap']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"
 
 
 def markdown(result: dict) -> str:

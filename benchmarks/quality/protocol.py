@@ -150,23 +150,27 @@ def _reuse_seed0(regime: str, path: Path) -> None:
     path.write_text(json.dumps(result))
 
 
-def run_job(base, tok, data, regime: str, spec_id: str) -> None:
-    """Climb ``spec_id``'s ``lam`` on validation in ``regime``, evaluate the rule's point, then test."""
+def evaluator(base, tok, data, regime: str, spec_id: str, folder: Path | None = None):
+    """``evaluate(lam, split) -> path``: the spec's merge in ``regime`` at ``lam``, cached under
+    ``folder`` (default ``OUT / regime``); the merge is computed once, on the first evaluation."""
     spec = {s.id: s for s in SPECS}[spec_id]
     dirs = adapter_dirs(regime)
-    n, lams = len(dirs), grid(len(dirs))
-    factor_maps = {name: load_lora_factors(d) for name, d in dirs.items()}
-    modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
-    factors = {m: [factor_maps[name][m] for name in dirs] for m in modules}
+    n = len(dirs)
     state: dict = {}
 
     def deltas() -> dict:
         if "deltas" not in state:
-            state["deltas"], state["seconds"], state["extra"] = _compute(spec, factors, base, dirs, {})
+            factor_maps = {name: load_lora_factors(d) for name, d in dirs.items()}
+            modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
+            state["factors"] = {m: [factor_maps[name][m] for name in dirs] for m in modules}
+            found = _compute(spec, state["factors"], base, dirs, {})
+            state["deltas"], state["seconds"], state["extra"] = found
         return state["deltas"]
 
     def evaluate(lam, split: str) -> Path:
         path = path_of(regime, spec_id, lam, split)
+        if folder is not None:
+            path = folder / path.name
         _reuse_seed0(regime, path)
         if not path.exists():
             subset = {t: data[t][split][: VAL_ITEMS if split == "validation" else None] for t in TASKS}
@@ -176,6 +180,14 @@ def run_job(base, tok, data, regime: str, spec_id: str) -> None:
             cached_eval(path, base, tok, subset, scaled, keep_predictions=split == "test", meta=meta)
         return path
 
+    evaluate.deltas, evaluate.state = deltas, state
+    return evaluate
+
+
+def run_job(base, tok, data, regime: str, spec_id: str) -> None:
+    """Climb ``spec_id``'s ``lam`` on validation in ``regime``, evaluate the rule's point, then test."""
+    evaluate = evaluator(base, tok, data, regime, spec_id)
+    lams = grid(len(adapter_dirs(regime)))
     if spec_id == "cat":
         evaluate("1/N", "test")
         return
@@ -183,8 +195,9 @@ def run_job(base, tok, data, regime: str, spec_id: str) -> None:
     climb(lambda i: mean_accuracy(evaluate(lams[i], "validation")), start, len(lams))
     rule_path = OUT / regime / f"{spec_id}.rules.json"
     if not rule_path.exists():
-        found = rules(deltas(), factors)
-        rule_path.write_text(json.dumps(found | {"n_adapters": n}, indent=2) + "\n")
+        merged = evaluate.deltas()
+        found = rules(merged, evaluate.state["factors"]) | {"n_adapters": len(adapter_dirs(regime))}
+        rule_path.write_text(json.dumps(found, indent=2) + "\n")
     evaluate(rule_point(regime, spec_id), "validation")
     chosen = choice(regime, spec_id)
     evaluate(chosen, "test")
@@ -244,6 +257,12 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--individual", action="store_true", help="every seed's adapters on their task")
     parser.add_argument("--jobs", default="", help="comma-separated regime:method (method 'all': every one)")
+    parser.add_argument(
+        "--points",
+        default="",
+        help="comma-separated regime:method:lam evaluated on validation only, under <regime>/points/ "
+        "(never chosen: e.g. cp_iso at lam = 1/N, the weights of a mean)",
+    )
     args = parser.parse_args(argv)
     jobs = parse_jobs(args.jobs)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -253,6 +272,10 @@ def main(argv=None) -> None:
     if args.individual:
         for seed in SEEDS:
             run_individual(base, tok, data, seed)
+    for item in filter(None, args.points.split(",")):
+        regime, spec_id, lam = item.split(":")
+        lam = lam if lam == "1/N" else float(lam)
+        evaluator(base, tok, data, regime, spec_id, OUT / regime / "points")(lam, "validation")
     for regime, spec_id in jobs:
         with claimed(OUT / regime / f"{spec_id}.lock") as mine:
             if mine:

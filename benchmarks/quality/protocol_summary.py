@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -173,6 +174,35 @@ def strength() -> list[dict]:
     return out
 
 
+def seed_similarity() -> dict:
+    """Mean over modules of the delta cosine between two adapters, from their factors (exact):
+    ``<B_a A_a, B_b A_b> = tr((B_a^T B_b)(A_b A_a^T))``. Same task across seeds vs different tasks."""
+    from seeds_train import seed_root
+    from train import load_lora_factors
+
+    factors = {(s, t): load_lora_factors(seed_root(s) / t) for s in SEEDS for t in TASKS}
+
+    def cosine(x, y) -> float:
+        values = []
+        for module, (a1, b1, s1) in factors[x].items():
+            a2, b2, s2 = factors[y][module]
+            a1, b1, a2, b2 = (m.double() for m in (a1, b1, a2, b2))
+            inner = s1 * s2 * torch.trace((b1.mT @ b2) @ (a2 @ a1.mT))
+            norm1 = s1 * torch.trace((b1.mT @ b1) @ (a1 @ a1.mT)).sqrt()
+            norm2 = s2 * torch.trace((b2.mT @ b2) @ (a2 @ a2.mT)).sqrt()
+            values.append(float(inner / (norm1 * norm2)))
+        return float(np.mean(values))
+
+    pairs = [(a, b) for i, a in enumerate(SEEDS) for b in SEEDS[i + 1 :]]
+    same = {t: [cosine((a, t), (b, t)) for a, b in pairs] for t in TASKS}
+    other = [abs(cosine((0, t), (0, u))) for i, t in enumerate(TASKS) for u in TASKS[i + 1 :]]
+    return {
+        "same_task_across_seeds": {t: float(np.mean(v)) for t, v in same.items()},
+        "same_task_mean": float(np.mean([v for vs in same.values() for v in vs])),
+        "different_tasks_seed0_mean_abs": float(np.mean(other)),
+    }
+
+
 def summary() -> dict:
     seed_ind = {s: individual(s) for s in SEEDS}
     have = [s for s in SEEDS if seed_ind[s] is not None]
@@ -192,6 +222,8 @@ def summary() -> dict:
             ceiling[name] = normalised([run["correct"]], [seed_ind[0]])
     result["multitask_ceiling_seed0"] = ceiling
     result["strength_norm_rule"] = strength()
+    if len(have) == len(SEEDS):
+        result["delta_cosine"] = seed_similarity()
     return result
 
 

@@ -72,11 +72,11 @@ def _add_merge_parser(subparsers) -> None:
         ),
         epilog=(
             "methods:\n" + "".join(f"  {m.name:<7} {m.help}\n" for m in METHODS.values()) + "\n"
-            "which method (six task adapters of a 135M model, one seed; README, Quality):\n"
-            "  no data: iso_c / iso_cts, weights about 0.75 each (0.78 of the individual adapters'\n"
-            "  accuracy), or cp --whiten --isotropic --rank <sum r> (0.74; on a 12-cluster library\n"
-            "  0.62 vs 0.60 for iso_cts), then tsv (0.70); the default cp and the mean keep\n"
-            "  0.57 / 0.56. With 16-32 examples per task, calibrate cp (0.84-0.90).\n\nexamples:\n"
+            "which method (six task adapters of a 135M model, 3 seeds; README, Quality):\n"
+            "  no data: cp --whiten --isotropic --rank <sum r>, weights about 1 each, or iso_cts\n"
+            "  (both 0.68 of the individual adapters' accuracy), then tsv (0.62); the default\n"
+            "  cp and the mean keep 0.55. With 16-32 examples per task, calibrate cp (0.84-0.90,\n"
+            "  one seed).\n\nexamples:\n"
             "  peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/\n"
             "  peft-cp-merge merge a/ b/ c/ --weights .5 .3 .2 --method cat --out cat/ --dry-run\n"
             "  peft-cp-merge merge --library library/ --rank 16 --out merged/"

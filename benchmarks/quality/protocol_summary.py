@@ -36,6 +36,7 @@ from protocol import (  # noqa: E402
     VAL_ITEMS,
     choice,
     family,
+    mean_accuracy,
     methods,
     path_of,
     rule_point,
@@ -203,6 +204,19 @@ def seed_similarity() -> dict:
     }
 
 
+def mean_weights_points() -> dict:
+    """Validation accuracy at ``lam = 1/N`` (the weights of a mean): the ``--points`` runs of cp_iso
+    beside the default cp's climb, per seed."""
+    out = {}
+    for seed in SEEDS:
+        regime = f"seed{seed}"
+        point = OUT / regime / "points" / path_of(regime, "cp_iso_r48", "1/N", "validation").name
+        default = validation_means(regime, "cp_weighted_r16").get("1/N")
+        if point.exists() and default is not None:
+            out[regime] = {"cp_iso_r48": mean_accuracy(point), "cp_weighted_r16": default}
+    return out
+
+
 def summary() -> dict:
     seed_ind = {s: individual(s) for s in SEEDS}
     have = [s for s in SEEDS if seed_ind[s] is not None]
@@ -224,6 +238,7 @@ def summary() -> dict:
     result["strength_norm_rule"] = strength()
     if len(have) == len(SEEDS):
         result["delta_cosine"] = seed_similarity()
+    result["at_the_weights_of_a_mean"] = mean_weights_points()
     return result
 
 
@@ -254,6 +269,15 @@ def markdown(result: dict) -> str:
     for s in result["strength_norm_rule"]:
         cells = [s["regime"], s["spec"], s["chosen"], f"{s['rule_lam']:.3f} -> {s['rule_grid']}"]
         lines.append("| " + " | ".join(cells) + f" | {s['points_below_chosen']:.1f} |")
+    by_spec: dict[str, list[float]] = {}
+    for s in result["strength_norm_rule"]:
+        by_spec.setdefault(f"{s['spec']} ({'pooled' if s['regime'] == 'pooled' else 'seeds'})", []).append(
+            s["points_below_chosen"]
+        )
+    lines += ["", "| method | mean val points below chosen | regimes within 2 points |", "|---|---|---|"]
+    for spec_id, points in by_spec.items():
+        within = sum(p <= 2.0 for p in points)
+        lines.append(f"| {spec_id} | {np.mean(points):.1f} | {within} of {len(points)} |")
     return "\n".join(lines)
 
 

@@ -58,7 +58,7 @@ import fewshot_train as ft  # noqa: E402
 from base_model import load  # noqa: E402
 from stages import cached_eval  # noqa: E402
 from tasks import TASKS, load_tasks  # noqa: E402
-from train import ADAPTERS, TrainConfig, load_lora_factors  # noqa: E402
+from train import ADAPTERS, TrainConfig, stacked_factors  # noqa: E402
 
 METHODS = ("soups", "multitask", "static", "cp", "cp_static", "individual")
 DEFAULT_LR = {"soups": 5e-2, "cp": 5e-2, "multitask": TrainConfig.lr}
@@ -178,9 +178,7 @@ def run_static(base, tok, data, args, paths: Paths) -> None:
         return
     spec = {s.id: s for s in SPECS}[args.spec]
     dirs = {t: ADAPTERS / t for t in TASKS}
-    factor_maps = {t: load_lora_factors(d) for t, d in dirs.items()}
-    modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
-    factors: merges.Factors = {m: [factor_maps[t][m] for t in TASKS] for m in modules}
+    factors: merges.Factors = stacked_factors(dirs)
     deltas, seconds, extra = _compute(spec, factors, base, dirs, {})
     meta = {
         "model": f"static {spec.id} at lam {args.lam:g}",

@@ -81,7 +81,7 @@ from base_model import load  # noqa: E402
 from osrm_train import OSRM_ADAPTERS  # noqa: E402
 from stages import EVALS, SPECS, _split, cached_eval, lam_value  # noqa: E402
 from tasks import TASKS, load_tasks  # noqa: E402
-from train import ADAPTERS, load_lora_deltas, load_lora_factors  # noqa: E402
+from train import ADAPTERS, load_lora_deltas, stacked_factors  # noqa: E402
 
 OUT = EVALS / "osrm"
 SUMMARY = HERE / "results" / "osrm.json"
@@ -260,9 +260,7 @@ def run_spec(base, tok, data, adapters: str, spec_id: str, split: str, part: str
     if not paths:
         return
     dirs = adapter_dirs(adapters, part)
-    factor_maps = {name: load_lora_factors(d) for name, d in dirs.items()}
-    modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
-    factors = {m: [factor_maps[name][m] for name in dirs] for m in modules}
+    factors = stacked_factors(dirs)
     deltas, seconds, extra = _compute(spec, factors, base, dirs, {})
     for lam, path in paths.items():
         meta = {

@@ -50,8 +50,9 @@ sys.path.insert(0, str(HERE))
 from base_model import load  # noqa: E402
 from seeds_train import seed_root  # noqa: E402
 from stages import EVALS, SPECS, _compute, cached_eval, lam_value  # noqa: E402
+from strength import rules  # noqa: E402
 from tasks import TASKS, load_tasks  # noqa: E402
-from train import load_lora_deltas, load_lora_factors  # noqa: E402
+from train import load_lora_deltas, stacked_factors  # noqa: E402
 
 OUT = EVALS / "protocol"
 SEED_REUSE = EVALS / "osrm" / "plain"  # seed 0's evaluations of the OSRM study (identical setting)
@@ -120,26 +121,6 @@ def climb(score, start: int, size: int) -> int:
         current = best
 
 
-def rules(deltas: dict, factors: dict) -> dict[str, float]:
-    """Data-free ``lam`` of merged ``deltas`` (weights 1), streamed over modules in float64.
-
-    ``norm``: ``||lam M|| = mean_i ||dW_i||``; ``own``: ``lam = mean_i ||dW_i||^2 / <dW_i, M>``
-    (``strength.py``'s rules, without holding every task's dense deltas at once).
-    """
-    n = len(next(iter(factors.values())))
-    merged_sq, task_sq, inner = 0.0, [0.0] * n, [0.0] * n
-    for module, merged in deltas.items():
-        m = merged.double()
-        merged_sq += float(m.square().sum())
-        for i, (a, b, s) in enumerate(factors[module]):
-            d = s * b.double() @ a.double()
-            task_sq[i] += float(d.square().sum())
-            inner[i] += float((d * m).sum())
-    norm = sum(math.sqrt(x) for x in task_sq) / n / math.sqrt(merged_sq)
-    own = sum(sq / ip for sq, ip in zip(task_sq, inner, strict=True) if ip > 0) / n
-    return {"norm": norm, "own": own}
-
-
 def _reuse_seed0(regime: str, path: Path) -> None:
     """Copy seed 0's identical test evaluation from the OSRM study, if there is one."""
     source = SEED_REUSE / path.name
@@ -160,9 +141,7 @@ def evaluator(base, tok, data, regime: str, spec_id: str, folder: Path | None = 
 
     def deltas() -> dict:
         if "deltas" not in state:
-            factor_maps = {name: load_lora_factors(d) for name, d in dirs.items()}
-            modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
-            state["factors"] = {m: [factor_maps[name][m] for name in dirs] for m in modules}
+            state["factors"] = stacked_factors(dirs)
             found = _compute(spec, state["factors"], base, dirs, {})
             state["deltas"], state["seconds"], state["extra"] = found
         return state["deltas"]

@@ -21,7 +21,7 @@ import torch
 from base_model import load
 from evaluate import evaluate
 from tasks import TASKS, load_tasks
-from train import ADAPTERS, load_lora_deltas, load_lora_factors
+from train import ADAPTERS, load_lora_deltas, stacked_factors
 
 EVALS = Path(__file__).resolve().parent / "results" / "evals"
 DELTAS = Path(__file__).resolve().parent / "cache" / "deltas"
@@ -322,9 +322,7 @@ def stage_merge(part: str) -> None:
         if len(set(clora_sizes(dirs))) == 1:  # equal sizes: the size specs are the uniform ones
             specs = [s for s in specs if s.id not in SIZE_WEIGHTED]
     n = len(dirs)
-    factor_maps = {name: load_lora_factors(d) for name, d in dirs.items()}
-    modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
-    factors = {m: [factor_maps[name][m] for name in dirs] for m in modules}
+    factors = stacked_factors(dirs)
     out, cache = EVALS / part, {}
     for spec in specs:
         if phase in ("val", "all") and _val_means(out, spec, n) is None:

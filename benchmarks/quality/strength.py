@@ -35,7 +35,7 @@ from base_model import load  # noqa: E402
 from osrm_eval import MERGE_SPECS, SETS, chosen_lam, grid, val_means  # noqa: E402
 from stages import SPECS, _compute, lam_value  # noqa: E402
 from tasks import TASKS  # noqa: E402
-from train import load_lora_factors  # noqa: E402
+from train import stacked_factors  # noqa: E402
 
 RESULT = HERE / "results" / "strength.json"
 # osrm_eval's specs, then issue 11's cp variants (plain adapters only; skipped where not evaluated)
@@ -43,13 +43,23 @@ STRENGTH_SPECS = (*MERGE_SPECS, "cp_shared_r16", "cp_iso_r16", "cp_iso_r48", "cp
 log = logging.getLogger("quality.strength")
 
 
-def rules(deltas: dict, tasks: list[dict]) -> dict[str, float]:
-    """The rules' ``lam`` for merged ``deltas`` of the per-task ``tasks`` deltas (float64 sums)."""
-    merged_sq = sum(float(d.double().square().sum()) for d in deltas.values())
-    task_sq = [sum(float(t[m].double().square().sum()) for m in deltas) for t in tasks]
-    inner = [sum(float((t[m].double() * deltas[m].double()).sum()) for m in deltas) for t in tasks]
-    norm = sum(math.sqrt(x) for x in task_sq) / len(tasks) / math.sqrt(merged_sq)
-    own = sum(sq / ip for sq, ip in zip(task_sq, inner, strict=True) if ip > 0) / len(tasks)
+def rules(deltas: dict, factors: dict) -> dict[str, float]:
+    """Data-free ``lam`` of merged ``deltas`` (weights 1), streamed over modules in float64.
+
+    ``norm``: ``||lam M|| = mean_i ||dW_i||``; ``own``: ``lam = mean_i ||dW_i||^2 / <dW_i, M>``
+    (one module's task deltas in memory at a time).
+    """
+    n = len(next(iter(factors.values())))
+    merged_sq, task_sq, inner = 0.0, [0.0] * n, [0.0] * n
+    for module, merged in deltas.items():
+        m = merged.double()
+        merged_sq += float(m.square().sum())
+        for i, (a, b, s) in enumerate(factors[module]):
+            d = s * b.double() @ a.double()
+            task_sq[i] += float(d.square().sum())
+            inner[i] += float((d * m).sum())
+    norm = sum(math.sqrt(x) for x in task_sq) / n / math.sqrt(merged_sq)
+    own = sum(sq / ip for sq, ip in zip(task_sq, inner, strict=True) if ip > 0) / n
     return {"norm": norm, "own": own}
 
 
@@ -66,10 +76,7 @@ def main() -> None:
     out: dict = {}
     for adapters, root in SETS.items():
         dirs = {t: root / t for t in TASKS}
-        factor_maps = {t: load_lora_factors(d) for t, d in dirs.items()}
-        modules = sorted(set.intersection(*(set(f) for f in factor_maps.values())))
-        factors = {m: [factor_maps[t][m] for t in TASKS] for m in modules}
-        tasks = [{m: s * b @ a for m, (a, b, s) in factor_maps[t].items()} for t in TASKS]
+        factors = stacked_factors(dirs)
         for spec_id in STRENGTH_SPECS:
             means = val_means(adapters, spec_id)
             if spec_id == "cat" or means is None:
@@ -78,7 +85,7 @@ def main() -> None:
             lams = grid(spec_id)
             best = chosen_lam(adapters, spec_id)
             entry = {"chosen": str(best), "chosen_val": means[best], "rules": {}}
-            for rule, lam in rules(deltas, tasks).items():
+            for rule, lam in rules(deltas, factors).items():
                 at = nearest(lam, lams)
                 entry["rules"][rule] = {"lam": lam, "grid": str(at), "val": means[at]}
             out[f"{adapters}: {spec_id}"] = entry

@@ -151,6 +151,14 @@ def load_lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return {name: s * b @ a for name, (a, b, s) in load_lora_factors(adapter_dir).items()}
 
 
+def stacked_factors(dirs: dict[str, Path]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """``{module: [(A, B, scaling) of each adapter, in the order of dirs]}`` over the modules that
+    every adapter of ``dirs`` (name -> folder) has."""
+    factor_maps = [load_lora_factors(d) for d in dirs.values()]
+    modules = sorted(set.intersection(*(set(f) for f in factor_maps)))
+    return {m: [f[m] for f in factor_maps] for m in modules}
+
+
 def load_lora_factors(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """``{module: (A (r, d_in), B (d_out, r), scaling)}`` of a saved LoRA (plain Linear layers only)."""
     from safetensors.torch import load_file

@@ -33,7 +33,6 @@ Commands (from the repository root; one job = one merge method in one regime, 5-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -52,7 +51,7 @@ from seeds_train import seed_root  # noqa: E402
 from stages import EVALS, SPECS, _compute, cached_eval, lam_value  # noqa: E402
 from strength import rules  # noqa: E402
 from tasks import TASKS, load_tasks  # noqa: E402
-from train import load_lora_deltas, stacked_factors  # noqa: E402
+from train import claimed, load_lora_deltas, stacked_factors  # noqa: E402
 
 OUT = EVALS / "protocol"
 SEED_REUSE = EVALS / "osrm" / "plain"  # seed 0's evaluations of the OSRM study (identical setting)
@@ -259,21 +258,6 @@ def main(argv=None) -> None:
         with claimed(OUT / regime / f"{spec_id}.lock") as mine:
             if mine:
                 run_job(base, tok, data, regime, spec_id)
-
-
-@contextlib.contextmanager
-def claimed(lock: Path):
-    """Whether this process holds ``lock`` (a job file of a live process is someone else's): lets
-    several processes share one job list."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    if lock.exists() and Path(f"/proc/{lock.read_text().strip() or 0}").exists():
-        yield False
-        return
-    lock.write_text(str(os.getpid()))
-    try:
-        yield True
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ A small loop (AdamW, linear warm-up and decay, loss on the answer tokens and the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -129,21 +130,34 @@ def train_adapter(
     record_path = out_dir / "train_record.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
-    lock = out_dir.with_suffix(".lock")
-    if lock.exists() and Path(f"/proc/{lock.read_text().strip()}").exists():
-        log.info("%s is being trained by process %s; skipped", name, lock.read_text().strip())
-        return {"name": name, "skipped": "in progress elsewhere"}
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(str(os.getpid()))
-    model = get_peft_model(base, lora_config(cfg))
-    stats = fit(model, tok, examples, cfg, steps=steps or cfg.steps, tag=name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    record = {"name": name, **stats, "config": asdict(cfg), "target_modules": TARGET_MODULES}
-    record_path.write_text(json.dumps(record, indent=2))
-    model.unload()
-    lock.unlink(missing_ok=True)
+    with claimed(out_dir.with_suffix(".lock")) as mine:
+        if not mine:
+            log.info("%s is being trained by another process; skipped", name)
+            return {"name": name, "skipped": "in progress elsewhere"}
+        model = get_peft_model(base, lora_config(cfg))
+        stats = fit(model, tok, examples, cfg, steps=steps or cfg.steps, tag=name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir))
+        record = {"name": name, **stats, "config": asdict(cfg), "target_modules": TARGET_MODULES}
+        record_path.write_text(json.dumps(record, indent=2))
+        model.unload()
     return record
+
+
+@contextlib.contextmanager
+def claimed(lock: Path):
+    """Whether this process holds ``lock``, a file with the holder's pid (one naming a live process
+    is someone else's; a dead holder's is taken over); released on leaving. Lets several processes
+    share one list of jobs."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    if lock.exists() and Path(f"/proc/{lock.read_text().strip() or 0}").exists():
+        yield False
+        return
+    lock.write_text(str(os.getpid()))
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def load_lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:

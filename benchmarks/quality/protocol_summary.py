@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -176,32 +175,13 @@ def strength() -> list[dict]:
 
 
 def seed_similarity() -> dict:
-    """Mean over modules of the delta cosine between two adapters, from their factors (exact):
-    ``<B_a A_a, B_b A_b> = tr((B_a^T B_b)(A_b A_a^T))``. Same task across seeds vs different tasks."""
+    """|cos| of the deltas of every adapter pair, per module (``peft-cp-merge analyze`` on the 18
+    adapters, ``results/interference_seeds``): same task across seeds vs different tasks."""
     from seeds_train import seed_root
-    from train import load_lora_factors
+    from similarity import RESULTS, _analyze, pair_stats
 
-    factors = {(s, t): load_lora_factors(seed_root(s) / t) for s in SEEDS for t in TASKS}
-
-    def cosine(x, y) -> float:
-        values = []
-        for module, (a1, b1, s1) in factors[x].items():
-            a2, b2, s2 = factors[y][module]
-            a1, b1, a2, b2 = (m.double() for m in (a1, b1, a2, b2))
-            inner = s1 * s2 * torch.trace((b1.mT @ b2) @ (a2 @ a1.mT))
-            norm1 = s1 * torch.trace((b1.mT @ b1) @ (a1 @ a1.mT)).sqrt()
-            norm2 = s2 * torch.trace((b2.mT @ b2) @ (a2 @ a2.mT)).sqrt()
-            values.append(float(inner / (norm1 * norm2)))
-        return float(np.mean(values))
-
-    pairs = [(a, b) for i, a in enumerate(SEEDS) for b in SEEDS[i + 1 :]]
-    same = {t: [cosine((a, t), (b, t)) for a, b in pairs] for t in TASKS}
-    other = [abs(cosine((0, t), (0, u))) for i, t in enumerate(TASKS) for u in TASKS[i + 1 :]]
-    return {
-        "same_task_across_seeds": {t: float(np.mean(v)) for t, v in same.items()},
-        "same_task_mean": float(np.mean([v for vs in same.values() for v in vs])),
-        "different_tasks_seed0_mean_abs": float(np.mean(other)),
-    }
+    report = _analyze([seed_root(s) / t for s in SEEDS for t in TASKS], RESULTS / "interference_seeds")
+    return pair_stats(report, [*TASKS] * len(SEEDS))
 
 
 def mean_weights_points() -> dict:

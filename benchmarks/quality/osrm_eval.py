@@ -79,7 +79,7 @@ sys.path.insert(0, str(HERE))
 import calibration  # noqa: E402
 from base_model import load  # noqa: E402
 from osrm_train import OSRM_ADAPTERS  # noqa: E402
-from stages import EVALS, SPECS, _split, cached_eval, lam_value  # noqa: E402
+from stages import EVALS, SPECS, _split, cached_eval, lam_value, reuse_evaluation  # noqa: E402
 from tasks import TASKS, load_tasks  # noqa: E402
 from train import ADAPTERS, load_lora_deltas, stacked_factors  # noqa: E402
 
@@ -176,11 +176,7 @@ def _reuse_old_library(adapters: str, part: str, path: Path) -> None:
             old_lam = json.loads(source.read_text())["lam"]
             if _lam_name(spec_id, old_lam, n_adapters(part), "test") != path.name:
                 return
-    if source.exists():
-        result = json.loads(source.read_text()) | {"reused_from": str(source.relative_to(HERE))}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
-        log.info("%s: reused %s", path.name, source.relative_to(HERE))
+    reuse_evaluation(source, path)
 
 
 def _reuse(adapters: str, path: Path, pattern: str, **fields) -> None:
@@ -188,11 +184,7 @@ def _reuse(adapters: str, path: Path, pattern: str, **fields) -> None:
     source = PLAIN_REUSE.get(pattern)
     if adapters != "plain" or path.exists() or source is None:
         return
-    source_path = calibration.OUT / source.format(**fields)
-    if source_path.exists():
-        result = json.loads(source_path.read_text()) | {"reused_from": str(source_path.relative_to(HERE))}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
+    reuse_evaluation(calibration.OUT / source.format(**fields), path)
 
 
 def run_individual(base, tok, data, adapters: str) -> None:

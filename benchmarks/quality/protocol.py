@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -48,7 +47,7 @@ sys.path.insert(0, str(HERE))
 
 from base_model import load  # noqa: E402
 from seeds_train import seed_root  # noqa: E402
-from stages import EVALS, SPECS, _compute, cached_eval, lam_value  # noqa: E402
+from stages import EVALS, SPECS, _compute, cached_eval, lam_value, reuse_evaluation  # noqa: E402
 from strength import rules  # noqa: E402
 from tasks import TASKS, load_tasks  # noqa: E402
 from train import claimed, load_lora_deltas, stacked_factors  # noqa: E402
@@ -122,12 +121,8 @@ def climb(score, start: int, size: int) -> int:
 
 def _reuse_seed0(regime: str, path: Path) -> None:
     """Copy seed 0's identical test evaluation from the OSRM study, if there is one."""
-    source = SEED_REUSE / path.name
-    if regime != "seed0" or path.exists() or not path.name.endswith(".test.json") or not source.exists():
-        return
-    result = json.loads(source.read_text()) | {"reused_from": str(source.relative_to(HERE))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result))
+    if regime == "seed0" and path.name.endswith(".test.json"):
+        reuse_evaluation(SEED_REUSE / path.name, path)
 
 
 def evaluator(base, tok, data, regime: str, spec_id: str, folder: Path | None = None):
@@ -209,10 +204,8 @@ def run_individual(base, tok, data, seed: int) -> None:
     """Each adapter of ``seed`` on its own task's 100 test items (the normalisation's denominator)."""
     for task in TASKS:
         path = OUT / f"seed{seed}" / f"individual_{task}.test.json"
-        source = SEED_REUSE / path.name
-        if seed == 0 and not path.exists() and source.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, path)
+        if seed == 0:
+            reuse_evaluation(SEED_REUSE / path.name, path)
         deltas = load_lora_deltas(seed_root(seed) / task)
         meta = {"model": f"seed{seed} individual_{task}", "split": "test"}
         cached_eval(path, base, tok, {task: data[task]["test"]}, deltas, keep_predictions=True, meta=meta)

@@ -156,6 +156,18 @@ def cached_eval(path: Path, model, tok, data: dict, deltas, *, keep_predictions:
     return result
 
 
+def reuse_evaluation(source: Path, path: Path) -> None:
+    """Copy the identical evaluation ``source`` to ``path``, noted as ``reused_from`` (relative to the
+    benchmark folder); nothing when ``path`` exists or ``source`` does not."""
+    if path.exists() or not source.exists():
+        return
+    here = EVALS.parent.parent
+    result = json.loads(source.read_text()) | {"reused_from": str(source.relative_to(here))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    log.info("%s: reused %s", path.name, source.relative_to(here))
+
+
 def stage_reference() -> None:
     """Base model, each individual adapter on its own task, and the multi-task adapter (val + test)."""
     model, tok = load()

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def methods(regime: str) -> tuple[str, ...]:
 
 def family(spec_id: str) -> str:
     """``tsv_r48`` -> ``tsv``: the method without its rank."""
-    return spec_id.rsplit("_r", 1)[0] if "_r" in spec_id and spec_id.rsplit("_r", 1)[1].isdigit() else spec_id
+    return re.sub(r"_r\d+$", "", spec_id)
 
 
 def adapter_dirs(regime: str) -> dict[str, Path]:

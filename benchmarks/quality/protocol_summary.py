@@ -79,8 +79,9 @@ def _arrays(runs: list[dict]) -> dict[str, np.ndarray]:
 def normalised(a: list[dict], ind: list[dict], idx: dict | None = None) -> float:
     """Mean over seeds and tasks of accuracy / individual accuracy (tasks where that is 0 left out)."""
     ratios = []
+    refs = _arrays(ind)
     for t, arr in _arrays(a).items():
-        ref = _arrays(ind)[t]
+        ref = refs[t]
         cols = idx[t] if idx else slice(None)
         num, den = arr[:, cols].sum(-1), ref[:, cols].sum(-1)
         ratios += [x / y for x, y in zip(num, den, strict=True) if y > 0]
@@ -113,15 +114,18 @@ def regime_summary(regime_seeds: dict[str, int | None], ind: list[dict]) -> dict
     regimes = list(regime_seeds)
     specs = methods(regimes[0])
     rows: dict = {}
+    runs_of: dict[str, list[dict]] = {}
     for spec_id in specs:
         runs = [tested(r, spec_id) for r in regimes]
         if None in runs:
             continue
+        runs_of[spec_id] = runs
+        lams = [choice(r, spec_id) for r in regimes]
         per_seed = [normalised([run], [i]) for run, i in zip(runs, ind, strict=True)]
         acc = [float(np.mean([np.mean(run[t]) for t in TASKS])) for run in runs]
-        val = [validation_means(r, spec_id).get(choice(r, spec_id)) for r in regimes]
+        val = [validation_means(r, spec_id).get(lam) for r, lam in zip(regimes, lams, strict=True)]
         rows[spec_id] = {
-            "lam": [str(choice(r, spec_id)) for r in regimes],
+            "lam": [str(lam) for lam in lams],
             "validation_mean_accuracy": val if spec_id != "cat" else None,
             "test_mean_accuracy": acc,
             "normalised_per_seed": per_seed,
@@ -141,8 +145,7 @@ def regime_summary(regime_seeds: dict[str, int | None], ind: list[dict]) -> dict
     pairs += [(c, default) for c in rows if family(c) == "cp_iso"]
     gaps = []
     for a, b in dict.fromkeys(p for p in pairs if None not in p and p[0] != p[1]):
-        runs_a, runs_b = [tested(r, a) for r in regimes], [tested(r, b) for r in regimes]
-        gaps.append({"a": a, "minus": b, **gap(runs_a, runs_b, ind)})
+        gaps.append({"a": a, "minus": b, **gap(runs_of[a], runs_of[b], ind)})
     return {"regimes": regimes, "methods": rows, **picks, "default_cp": default, "gaps": gaps}
 
 

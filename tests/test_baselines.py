@@ -115,3 +115,14 @@ def test_float32_inputs_give_float32_factors():
     torch.testing.assert_close(
         delta(merged), delta(merge_svd(stack, [1.0, 1.0], rank=3)).float(), rtol=1e-5, atol=1e-5
     )
+
+
+def test_polar_of_a_batch_is_each_matrix_polar_with_its_own_cutoff():
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    deficient = torch.cat([full[:, :3], full[:, :2]], dim=1)  # rank 3: two columns repeated
+    batch = torch.stack([full, deficient])
+    for x, p in zip(batch, polar(batch), strict=True):
+        torch.testing.assert_close(p, polar(x), **TOL)
+    torch.testing.assert_close(polar(full).T @ polar(full), torch.eye(5, dtype=torch.float64), **TOL)
+    assert torch.linalg.matrix_rank(polar(deficient)) == 3

@@ -43,6 +43,28 @@ def test_relative_error_is_exact_on_the_compressed_core():
     assert [tuple(f.shape) for f in result.factors] == [(2, 24, 5), (2, 20, 5), (2, 3, 5)]
 
 
+def test_exact_residual_skips_components_without_loading_and_stays_exact():
+    # Loadings with zeros (the exact rank-M CP has them: each component lives on one slice) leave
+    # those components out of a slice's residual; the result must still be the dense residual.
+    from peft_cp_merge.engine.operators import KruskalCoreForm
+
+    stack = random_stack([3, 2, 4], d_out=18, d_in=15, seed=2)
+    form = KruskalCoreForm(compress(stack).core, torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(1, 9, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    c = torch.randn(1, 3, 5, generator=gen, dtype=torch.float64)
+    c[:, 0, 1:] = 0  # slice 0 uses component 0 only, slice 2 none of components 3 and 4
+    c[:, 2, 3:] = 0
+    weights = torch.rand(1, 5, generator=gen, dtype=torch.float64)
+    dense_core = torch.einsum("bim,bjm,km->bijk", form.left, form.right, form.indicator)
+    model = torch.einsum("br,bir,bjr,bkr->bijk", weights, a, b, c)
+    expected = (dense_core - model).square().sum(dim=(1, 2, 3))
+    assert torch.allclose(form.residual_sq(weights, (a, b, c)), expected, rtol=1e-12)
+
+    exact = cp_als(stack, 9)  # rank M: the core's own decomposition, residual ~0
+    assert exact.rel_error[0] < 1e-12
+
+
 def test_compressed_als_equals_dense_tensorly_parafac_from_the_same_init():
     tl = pytest.importorskip("tensorly")
     from tensorly.decomposition import parafac

@@ -226,20 +226,25 @@ class KruskalCoreForm:
 
         Slice ``k`` of the residual is ``[P1_k, A diag(w c_k)] [P2_k, -B]^T`` with ``r_k + R`` columns;
         its norm is that of ``R_X R_Y^T`` from thin QRs of the two tall factors, which is computed
-        to working precision even when the residual is tiny compared with ``X``.
+        to working precision even when the residual is tiny compared with ``X``. Components with a
+        zero loading on slice ``k`` in every batch element are left out of that slice's factors
+        (exact: their columns are zero); the exact rank-``M`` CP has ``r_k`` per slice, not ``R``.
         """
         a, b, c = factors
-        batch, m, r = a.shape[0], self.left.shape[1], a.shape[2]
+        batch, m = a.shape[0], self.left.shape[1]
         width = max(self.ranks)
-        left_blocks = self.left.new_zeros(batch, len(self.ranks), m, width + r)
-        right_blocks = self.right.new_zeros(batch, len(self.ranks), m, width + r)
+        scaled = weights[:, None, :] * c  # (batch, K, R)
+        active = [scaled[:, k, :].ne(0).any(dim=0).nonzero().squeeze(1) for k in range(len(self.ranks))]
+        extra = max(len(used) for used in active)
+        left_blocks = self.left.new_zeros(batch, len(self.ranks), m, width + extra)
+        right_blocks = self.right.new_zeros(batch, len(self.ranks), m, width + extra)
         start = 0
-        for k, rank_k in enumerate(self.ranks):
+        for k, (rank_k, used) in enumerate(zip(self.ranks, active, strict=True)):
             left_blocks[:, k, :, :rank_k] = self.left[:, :, start : start + rank_k]
             right_blocks[:, k, :, :rank_k] = self.right[:, :, start : start + rank_k]
+            left_blocks[:, k, :, width : width + len(used)] = a[:, :, used] * scaled[:, k, None, used]
+            right_blocks[:, k, :, width : width + len(used)] = -b[:, :, used]
             start += rank_k
-        left_blocks[:, :, :, width:] = a[:, None] * (weights[:, None, :] * c)[:, :, None, :]
-        right_blocks[:, :, :, width:] = -b[:, None]
         r_left = torch.linalg.qr(left_blocks, mode="r").R
         r_right = torch.linalg.qr(right_blocks, mode="r").R
         return (r_left @ r_right.mT).square().sum(dim=(1, 2, 3))

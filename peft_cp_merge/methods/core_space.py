@@ -77,11 +77,12 @@ def polar(x: Tensor) -> Tensor:
     When ``x`` is rank-deficient (adapters that share directions) the polar factor is not unique;
     this returns the canonical one, the partial isometry on the range of ``x`` (singular values below
     ``max(x.shape) * eps`` times the largest are dropped), so two identical adapters merge to their
-    mean weight instead of picking up arbitrary directions.
+    mean weight instead of picking up arbitrary directions. Leading batch dimensions are allowed
+    (``(..., M, K)``), each matrix with its own cutoff.
     """
     p, s, qh = torch.linalg.svd(x, full_matrices=False)
-    keep = s > max(x.shape) * torch.finfo(s.dtype).eps * s.max()
-    return p[:, keep] @ qh[keep]
+    keep = s > max(x.shape[-2:]) * torch.finfo(s.dtype).eps * s.amax(dim=-1, keepdim=True)
+    return (p * keep[..., None, :].to(p.dtype)) @ qh
 
 
 def module_weights(stack: LoraStack, weights: Sequence[float] | Tensor) -> Tensor:

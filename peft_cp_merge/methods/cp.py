@@ -175,7 +175,7 @@ def _whitened(result: CPResult, merge_weights: Tensor, options: CPOptions) -> tu
         result.weights.to(torch.float64), tuple(f.to(torch.float64) for f in result.factors)
     )
     gains = _gains(weights, c, merge_weights, options)
-    return torch.stack([polar(x) for x in a]), torch.stack([polar(x) for x in b]), gains
+    return polar(a), polar(b), gains
 
 
 def _gains(weights: Tensor, loadings: Tensor, merge_weights: Tensor, options: CPOptions) -> Tensor:
@@ -192,8 +192,8 @@ def _gains(weights: Tensor, loadings: Tensor, merge_weights: Tensor, options: CP
 
 def _split_gains(u: Tensor, v: Tensor, gains: Tensor) -> tuple[Tensor, Tensor]:
     """``lora_B = U diag(sqrt|g|)``, ``lora_A = diag(sign(g) sqrt|g|) V^T`` for one module."""
-    root = gains.abs().sqrt()
-    return (torch.sign(gains) * root)[:, None] * v.mT, u * root[None, :]
+    root = gains.abs().sqrt().to(u.dtype)
+    return (torch.sign(gains).to(u.dtype) * root)[:, None] * v.mT, u * root[None, :]
 
 
 def merge_modules(
@@ -359,8 +359,8 @@ def _lift_module(
         compressed.basis_A[here],
     )
     if whitened is not None:
-        u = lift(whitened[0][here], cat_B, basis_B, out_dtype=torch.float64)
-        v = lift(whitened[1][here], cat_At, basis_A, out_dtype=torch.float64)
+        # Orthonormal columns: the working dtype (float32 for float32 adapters) loses nothing here.
+        u, v = lift(whitened[0][here], cat_B, basis_B), lift(whitened[1][here], cat_At, basis_A)
         gains = whitened[2][index]
     else:
         factors = (

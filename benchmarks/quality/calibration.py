@@ -22,6 +22,8 @@ Commands (from the repository root)::
     python benchmarks/quality/calibration.py --k 8 --steps 60 --lr 0.05    # second setting
     python benchmarks/quality/calibration.py --k 32 --l2 1.0               # or with the pull to 1
     python benchmarks/quality/calibration.py --individual              # re-evaluate the 6 adapters
+    python benchmarks/quality/calibration.py --start iso --static       # the default after issue 11
+    python benchmarks/quality/calibration.py --start iso --k 16 --steps 120 --lr 0.05   # calibrated from it
     python benchmarks/quality/calibration.py --summary                 # -> results/calibration_prelim.json
 
 Several of these may run side by side (one process per core); ``--summary`` runs after each.
@@ -57,6 +59,14 @@ MERGED = "cp"
 # The static cp that calibration starts from, as measured: rank 16 = min(2 max r, sum r), weighted
 # gains, no whitening (spelled out, so that a change of the cp defaults cannot change it).
 STATIC_CP = {"cp_rank": 16, "cp_aggregation": "weighted", "cp_whiten": False, "cp_isotropic": False}
+# Static merges calibration may start from (``--start``): name -> (add_weighted_adapter options, weight
+# of each adapter). ``sum16`` is the one above at the weights of a mean (every number before issue 11's
+# default change); ``iso`` is the whitened + isotropic cp at rank sum r = 48 at weights 1 (the default
+# after issue 11). Results of ``iso`` carry ``_iso`` in their file names.
+STARTS = {
+    "sum16": (STATIC_CP, 1 / len(TASKS)),
+    "iso": ({"cp_rank": 48, "cp_aggregation": "weighted", "cp_whiten": True, "cp_isotropic": True}, 1.0),
+}
 log = logging.getLogger("quality.calibration")
 
 
@@ -75,16 +85,22 @@ def calibration_examples(tok, data: dict, k: int) -> list[dict]:
     return rows
 
 
-def merged_model(base, adapters: Path = ADAPTERS):
-    """A PeftModel (on a copy of ``base``) holding the six adapters and their default cp merge ``"cp"``."""
+def suffix(start: str) -> str:
+    """File-name mark of a start: none for ``sum16`` (the files written before ``--start``)."""
+    return "" if start == "sum16" else f"_{start}"
+
+
+def merged_model(base, adapters: Path = ADAPTERS, start_name: str = "sum16"):
+    """A PeftModel (on a copy of ``base``) holding the six adapters and their static cp merge ``"cp"``."""
     import merges
 
     import peft_cp_merge  # noqa: F401  (registers combination_type="cp")
 
+    options, weight = STARTS[start_name]
     peft_model = merges.peft_model_with(base, {t: adapters / t for t in TASKS})
     start = time.perf_counter()
     peft_model.add_weighted_adapter(
-        list(TASKS), [1 / len(TASKS)] * len(TASKS), MERGED, combination_type="cp", **STATIC_CP
+        list(TASKS), [weight] * len(TASKS), MERGED, combination_type="cp", **options
     )
     seconds = time.perf_counter() - start
     cfg = peft_model.peft_config[MERGED]
@@ -105,14 +121,15 @@ def deltas_of(peft_model, name: str) -> dict[str, torch.Tensor]:
 
 
 def setting_name(args) -> str:
-    return f"calibrated_k{args.k}_s{args.steps}_lr{args.lr:g}_l2{args.l2:g}_seed{args.seed}"
+    mark = suffix(args.start)
+    return f"calibrated{mark}_k{args.k}_s{args.steps}_lr{args.lr:g}_l2{args.l2:g}_seed{args.seed}"
 
 
-def run_static(base, tok, data, items: int, out: Path = OUT) -> None:
-    path = out / f"static.items{items}.test.json"
+def run_static(base, tok, data, items: int, out: Path = OUT, start_name: str = "sum16") -> None:
+    path = out / f"static{suffix(start_name)}.items{items}.test.json"
     if path.exists():
         return
-    peft_model, info = merged_model(base)
+    peft_model, info = merged_model(base, start_name=start_name)
     cached_eval(
         path,
         base,
@@ -120,7 +137,7 @@ def run_static(base, tok, data, items: int, out: Path = OUT) -> None:
         test_split(data, items),
         deltas_of(peft_model, MERGED),
         keep_predictions=True,
-        meta={"model": "static cp (default rank, weighted, weights 1/6)", "split": "test", **info},
+        meta={"model": f"static cp {STARTS[start_name]}", "split": "test", **info},
     )
 
 
@@ -133,7 +150,7 @@ def run_calibrated(
     path = out / f"{name}.items{args.items}.test.json"
     if path.exists():
         return
-    peft_model, info = merged_model(base, adapters)
+    peft_model, info = merged_model(base, adapters, args.start)
     examples = calibration_examples(tok, data, args.k)
     report = calibrate(
         peft_model,
@@ -153,6 +170,8 @@ def run_calibrated(
     )
     peft_model.save_pretrained(str(saved / name), selected_adapters=[MERGED])
     settings = {"k_per_task": args.k, "steps": args.steps, "lr": args.lr, "l2": args.l2, "seed": args.seed}
+    options, weight = STARTS[args.start]
+    settings["start"] = {"name": args.start, "options": options, "weight": weight}
     settings |= {"batch_size": 8, "holdout": 0.25, "patience": 3, "examples": "first k of each train split"}
     cached_eval(
         path,
@@ -236,20 +255,29 @@ def summary(items: int) -> dict:
         out["eval_seconds"] = result["seconds"]
         return out
 
+    statics = {"sum16": static}
+    for name in STARTS:
+        path = OUT / f"static{suffix(name)}.items{items}.test.json"
+        if name != "sum16" and path.exists():
+            statics[name] = json.loads(path.read_text())
     calibrated = {}
     for path in sorted(OUT.glob(f"calibrated_*.items{items}.test.json")):
         result = json.loads(path.read_text())
+        start_name = result["settings"].get("start", {}).get("name", "sum16")
+        if start_name not in statics:
+            continue
+        reference = statics[start_name]
         entry = describe(result) | {
             "settings": result["settings"],
             "calibration": _gain_summary(result["calibration"]),
         }
         entry["minus_static"] = {
-            "mean_accuracy": bootstrap_gap(result["correct"], static["correct"], ones),
-            "per_task_accuracy": {t: result["accuracy"][t] - static["accuracy"][t] for t in TASKS},
+            "mean_accuracy": bootstrap_gap(result["correct"], reference["correct"], ones),
+            "per_task_accuracy": {t: result["accuracy"][t] - reference["accuracy"][t] for t in TASKS},
         }
         if individual:
             entry["minus_static"]["mean_normalised"] = bootstrap_gap(
-                result["correct"], static["correct"], individual["correct"]
+                result["correct"], reference["correct"], individual["correct"]
             )
         calibrated[path.name.removesuffix(f".items{items}.test.json")] = entry
     previous = EVALS / "per_task" / "cp_weighted_r16.test.json"
@@ -268,7 +296,12 @@ def summary(items: int) -> dict:
             "cp_rank": static.get("cp_rank"),
             "merge_seconds": static.get("merge_seconds"),
         },
-        "static": describe(static),
+        "static": describe(statics["sum16"]),
+        "static_other_starts": {
+            name: {"options": STARTS[name][0], "weight": STARTS[name][1], **describe(result)}
+            for name, result in statics.items()
+            if name != "sum16"
+        },
         "static_predictions_identical_to_previous_cp_weighted_r16_test": same_as_previous,
         "calibrated": calibrated,
         "individual": {
@@ -297,6 +330,7 @@ def main() -> None:
     parser.add_argument("--l2", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--items", type=int, default=100, help="test items per task (first N)")
+    parser.add_argument("--start", choices=list(STARTS), default="sum16", help="static merge (STARTS)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("peft_cp_merge").setLevel(logging.INFO)
@@ -305,7 +339,7 @@ def main() -> None:
         base, tok = load()
         data = load_tasks()
         if args.static:
-            run_static(base, tok, data, args.items)
+            run_static(base, tok, data, args.items, start_name=args.start)
         if args.k:
             run_calibrated(base, tok, data, args)
         if args.individual:

@@ -200,9 +200,9 @@ def add_cp_weighted_adapter(
     l2: float = 0.0,
     seed: int = 0,
     line_search: bool = True,
-    whiten: bool = False,
+    whiten: bool = True,
     sharing_exponent: float = 0.0,
-    isotropic: bool = False,
+    isotropic: bool = True,
     rank_tol: float = 0.0,
     device: torch.device | str | None = None,
     progress: bool | None = None,
@@ -210,8 +210,12 @@ def add_cp_weighted_adapter(
 ) -> CPMergeReport:
     """Add a new adapter that merges ``adapters`` by a joint CP decomposition of their deltas.
 
-    Per module, ``dW = sum_r lambda_r (sum_i w_i c_ir) u_r v_r^T`` (``aggregation="weighted"``): with
-    a rank large enough for an exact fit this is ``sum_i w_i s_i B_i A_i``, PEFT's ``"cat"``.
+    Per module the CP components' directions are decorrelated (``whiten``) and given one common
+    strength (``isotropic``): each adapter's directions are kept at about their own strength, so
+    weights of about 1 each are the natural scale (not weights summing to 1). With
+    ``whiten=False, isotropic=False`` the merge is the sum-like ``dW = sum_r lambda_r (sum_i w_i c_ir)
+    u_r v_r^T`` (``aggregation="weighted"``): at a rank large enough for an exact fit this is
+    ``sum_i w_i s_i B_i A_i``, PEFT's ``"cat"``, and a smaller rank (e.g. ``2 max r_i``) denoises it.
     The new adapter has ``r = lora_alpha = rank``, no rsLoRA/DoRA, empty rank/alpha patterns, and
     targets exactly the modules where any input adapter has a LoRA layer (each module merges the
     adapters it has). It is not activated (as with PEFT's ``add_weighted_adapter``).
@@ -222,7 +226,7 @@ def add_cp_weighted_adapter(
         weights: One merge weight per adapter (negative subtracts).
         adapter_name: Name of the new adapter; must not exist yet.
         rank: CP rank ``R`` and rank of the new adapter (default: `default_rank` of the modules'
-            input ranks, ``min(2 max r_i, sum r_i)``, the largest over modules). A rank above every
+            input ranks, ``sum r_i``, the largest over modules). A rank above every
             module's ``sum r_i`` is refused: it would only add all-zero components.
         aggregation: ``"weighted"`` or ``"disjoint"``, see :mod:`peft_cp_merge.methods.cp`.
         init: CP-ALS start, ``"gevd"``, ``"svd"`` or ``"random"``.
@@ -232,11 +236,11 @@ def add_cp_weighted_adapter(
         seed: Seed of every random number used.
         line_search: Extrapolate after each ALS sweep (Bro's line search); ``False``: plain ALS.
         whiten: Replace the CP factors ``U``, ``V`` by their polar factors before the gains are
-            applied (TSV-style decorrelation), see :mod:`peft_cp_merge.methods.cp`.
+            applied (TSV-style decorrelation, on by default), see :mod:`peft_cp_merge.methods.cp`.
         sharing_exponent: From 0 (off) to 1: divide each component's gain by the effective number
             of adapters that use it to this power (1: shared components are not added up).
         isotropic: Give every component the mean gain magnitude (Iso-C's flat spectrum in the CP
-            basis; exactly flat with ``whiten=True``).
+            basis, on by default; exactly flat with ``whiten=True``).
         rank_tol: From 0 (off) to 1: per module, the fewest components (of ``rank`` x 1/4, 2/4, 3/4,
             1) whose CP fit error is within ``rank_tol`` of the fit at ``rank``; the rest are zero.
         device: Where to compute (default: where the first adapter's weights are).
@@ -260,7 +264,7 @@ def add_cp_weighted_adapter(
     Example:
         >>> import peft_cp_merge
         >>> report = peft_cp_merge.add_cp_weighted_adapter(
-        ...     model, ["math", "code"], [1.0, 1.0], "math_code", rank=16
+        ...     model, ["math", "code"], [1.0, 1.0], "math_code"
         ... )  # doctest: +SKIP
         >>> model.set_adapter("math_code")  # doctest: +SKIP
     """

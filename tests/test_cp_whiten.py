@@ -206,8 +206,12 @@ def test_whitened_merge_equals_a_dense_reference_from_the_same_cp_factors(aggreg
         "small": random_stack([1, 2], d_out=10, d_in=7, seed=2),
     }
     weights = {"m0": [0.7, 1.2, -0.5], "m1": [1.0, 1.0, 1.0], "small": [0.6, 1.4]}
-    merged = merge_modules(stacks, weights, rank=4, options=CPOptions(aggregation=aggregation, whiten=True))
-    plain = merge_modules(stacks, weights, rank=4, options=CPOptions(aggregation=aggregation))
+    merged = merge_modules(
+        stacks, weights, rank=4, options=CPOptions(aggregation=aggregation, isotropic=False)
+    )
+    plain = merge_modules(
+        stacks, weights, rank=4, options=CPOptions(aggregation=aggregation, whiten=False, isotropic=False)
+    )
     references = _dense_references({k: stacks[k] for k in ("m0", "m1")}, weights, 4, aggregation)
     references |= _dense_references({"small": stacks["small"]}, weights, 4, aggregation)
     for name, reference in references.items():
@@ -230,7 +234,7 @@ def test_float32_adapters_are_whitened_in_float64_and_come_back_in_float32():
     stack = random_stack([3, 2, 3], seed=3, dtype=torch.float32)
     weights = {"m": [1.0, 0.5, 1.0]}
     reference = _dense_references({"m": stack}, weights, 4, "weighted")["m"]
-    merged = merge_modules({"m": stack}, weights, rank=4, options=CPOptions(whiten=True))["m"]
+    merged = merge_modules({"m": stack}, weights, rank=4, options=CPOptions(isotropic=False))["m"]
     assert merged.lora_A.dtype == merged.lora_B.dtype == torch.float32
     got = (merged.lora_B @ merged.lora_A).double()
     assert torch.linalg.matrix_norm(got - reference) / torch.linalg.matrix_norm(reference) < 1e-4
@@ -256,7 +260,7 @@ def test_cp_whiten_reaches_the_merge_through_add_weighted_adapter(tiny_net):
     weights = [0.9, 1.1]
     for name, whiten in (("white", True), ("plain", False)):
         model.add_weighted_adapter(
-            ["x", "y"], weights, name, combination_type="cp", cp_rank=5, cp_whiten=whiten
+            ["x", "y"], weights, name, combination_type="cp", cp_rank=5, cp_whiten=whiten, cp_isotropic=False
         )
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and "white" in m.lora_A}
     assert len(layers) == 2

@@ -225,6 +225,10 @@ def test_library_weights():
         library_weights([30, 10], [1.0])
 
 
+# The sum-like cp (whitening and the flat spectrum off): exact at full rank, weights summing to 1.
+SUM_LIKE = {"whiten": False, "isotropic": False}
+
+
 @pytest.mark.parametrize(
     "weights", [None, "size", "uniform", [0.5, -1.0, 2.0]], ids=["default", "size", "uniform", "explicit"]
 )
@@ -239,11 +243,51 @@ def test_merge_library_is_the_weighted_sum_at_full_rank(built, tmp_path, weights
     else:
         expected_weights = weights
     kwargs = {} if weights is None else {"weights": weights}
-    assert list(library_merge_inputs(built.path, **kwargs).weights) == pytest.approx(expected_weights)
+    inputs = library_merge_inputs(built.path, options=SUM_LIKE, **kwargs)
+    assert list(inputs.weights) == pytest.approx(expected_weights)
     rank = 3 * 4  # the sum of the adapters' ranks: the CP fit is exact
-    result = merge_library(built.path, tmp_path / "merged", rank=rank, progress=False, **kwargs)
+    result = merge_library(
+        built.path, tmp_path / "merged", rank=rank, progress=False, options=SUM_LIKE, **kwargs
+    )
     merged = lora_deltas(result.out_dir, scaling=1.0)  # merged adapters have r = lora_alpha
     inputs = [lora_deltas(folder, scaling=8 / 4) for folder in built.adapter_dirs]
     for module, delta in merged.items():
         expected = sum(w * deltas[module] for w, deltas in zip(expected_weights, inputs, strict=True))
         assert torch.linalg.norm(delta - expected) <= 1e-4 * torch.linalg.norm(expected)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "per_adapter"),
+    [
+        ("cp", None, True),  # the default cp keeps every adapter at its own strength
+        ("cp", {"isotropic": False}, True),
+        ("cp", SUM_LIKE, False),
+        ("tsv", None, True),
+        ("iso_c", None, True),
+        ("iso_cts", None, True),
+        ("svd", None, False),
+        ("cat", None, False),
+    ],
+)
+def test_named_library_weights_average_one_for_per_adapter_methods_and_sum_to_one_otherwise(
+    built, method, options, per_adapter
+):
+    sizes, k = built.manifest.sizes, len(built.manifest.sizes)
+    scale = k if per_adapter else 1
+    size = library_merge_inputs(built.path, method=method, options=options).weights
+    assert list(size) == pytest.approx([scale * n / sum(sizes) for n in sizes])
+    uniform = library_merge_inputs(built.path, weights="uniform", method=method, options=options).weights
+    assert list(uniform) == pytest.approx([scale / k] * k)
+    explicit = library_merge_inputs(built.path, weights=[0.5, 2.0, 1.0], method=method, options=options)
+    assert list(explicit.weights) == [0.5, 2.0, 1.0]  # given weights are used as given
+
+
+def test_default_merge_library_uses_weights_of_mean_one_and_the_sum_rank(built, tmp_path):
+    pytest.importorskip("peft_cp_merge.folders.merging")
+    sizes = built.manifest.sizes
+    result = merge_library(built.path, tmp_path / "merged", progress=False)
+    recorded = [
+        item["weight"] for item in json.loads((result.out_dir / "merge_info.json").read_text())["inputs"]
+    ]
+    assert recorded == pytest.approx([3 * n / sum(sizes) for n in sizes])
+    assert result.plan.rank == 3 * 4

@@ -5,6 +5,8 @@ from testing_utils import random_stack
 from peft_cp_merge.engine.compression import LoraStack
 from peft_cp_merge.methods.cp import CPOptions, aggregate_loadings, default_rank, merge_modules
 
+SUM_LIKE = CPOptions(whiten=False, isotropic=False)  # the sum-like joint CP (exact = PEFT's "cat")
+
 
 def _delta(merged):
     return merged.lora_B @ merged.lora_A
@@ -32,7 +34,7 @@ def test_adapters_with_a_shared_cp_structure_merge_to_the_exact_weighted_sum():
     loadings = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     stack, _, _ = _shared_cp_stack(loadings)
     weights = [0.3, -1.0, 0.7]
-    merged = merge_modules({"m": stack}, {"m": weights}, rank=5)["m"]
+    merged = merge_modules({"m": stack}, {"m": weights}, rank=5, options=SUM_LIKE)["m"]
     expected = _weighted_sum(stack, weights)
     assert merged.lora_A.shape == (5, 26)
     assert (_delta(merged) - expected).norm() / expected.norm() < 1e-12
@@ -42,7 +44,7 @@ def test_adapters_with_a_shared_cp_structure_merge_to_the_exact_weighted_sum():
 @pytest.mark.parametrize("rank", [9, 12])
 def test_rank_at_least_the_total_input_rank_is_exact_and_padded(rank):
     stack = random_stack([4, 2, 3])
-    merged = merge_modules({"m": stack}, {"m": [1.0, 0.5, -2.0]}, rank=rank)["m"]
+    merged = merge_modules({"m": stack}, {"m": [1.0, 0.5, -2.0]}, rank=rank, options=SUM_LIKE)["m"]
     expected = _weighted_sum(stack, [1.0, 0.5, -2.0])
     assert merged.lora_B.shape == (24, rank)
     assert (_delta(merged) - expected).norm() / expected.norm() < 1e-10
@@ -53,21 +55,21 @@ def test_rank_at_least_the_total_rank_is_exact_when_adapters_share_directions():
     stack = random_stack([4, 4, 4])
     shared_A = [torch.cat([stack.lora_A[0][:, :2], a[:, 2:]], dim=1) for a in stack.lora_A]
     shared = LoraStack(shared_A, stack.lora_B, [1.0, 1.0, 1.0])
-    merged = merge_modules({"m": shared}, {"m": [1.0, 1.0, 1.0]}, rank=16)["m"]
+    merged = merge_modules({"m": shared}, {"m": [1.0, 1.0, 1.0]}, rank=16, options=SUM_LIKE)["m"]
     expected = _weighted_sum(shared, [1.0, 1.0, 1.0])
     assert (_delta(merged) - expected).norm() / expected.norm() < 1e-8
 
 
 def test_a_single_adapter_reproduces_itself():
     stack = random_stack([6], scales=[2.0])
-    merged = merge_modules({"m": stack}, {"m": [1.0]}, rank=6)["m"]
+    merged = merge_modules({"m": stack}, {"m": [1.0]}, rank=6, options=SUM_LIKE)["m"]
     expected = _weighted_sum(stack, [1.0])
     assert (_delta(merged) - expected).norm() / expected.norm() < 1e-12
 
 
 def test_truncated_rank_is_a_joint_low_rank_approximation():
     stack = random_stack([4, 4, 4])
-    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0, 1.0]}, rank=4)["m"]
+    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0, 1.0]}, rank=4, options=SUM_LIKE)["m"]
     assert merged.lora_A.shape == (4, 20)
     assert 0.05 < merged.fit_error < 1.0
     expected = _weighted_sum(stack, [1.0, 1.0, 1.0])
@@ -82,12 +84,18 @@ def test_disjoint_keeps_task_specific_components_at_full_strength():
     loadings = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
     stack, u, v = _shared_cp_stack(loadings)
     weights = [1.0, 1.0]
-    disjoint = merge_modules({"m": stack}, {"m": weights}, rank=2, options=CPOptions(aggregation="disjoint"))[
-        "m"
-    ]
-    weighted = merge_modules({"m": stack}, {"m": weights}, rank=2, options=CPOptions(aggregation="weighted"))[
-        "m"
-    ]
+    disjoint = merge_modules(
+        {"m": stack},
+        {"m": weights},
+        rank=2,
+        options=CPOptions(aggregation="disjoint", whiten=False, isotropic=False),
+    )["m"]
+    weighted = merge_modules(
+        {"m": stack},
+        {"m": weights},
+        rank=2,
+        options=CPOptions(aggregation="weighted", whiten=False, isotropic=False),
+    )["m"]
     # weighted = the sum: component 0 once, component 1 twice; disjoint: both once.
     sum_expected = torch.outer(u[:, 0], v[:, 0]) + 2 * torch.outer(u[:, 1], v[:, 1])
     disjoint_expected = torch.outer(u[:, 0], v[:, 0]) + torch.outer(u[:, 1], v[:, 1])
@@ -160,7 +168,7 @@ def test_a_small_memory_budget_splits_the_batch_without_changing_results(monkeyp
 
 def test_float32_adapters_give_float32_factors():
     stack = random_stack([4, 4], dtype=torch.float32)
-    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0]}, rank=8)["m"]
+    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0]}, rank=8, options=SUM_LIKE)["m"]
     assert merged.lora_A.dtype == torch.float32
     expected = _weighted_sum(stack, [1.0, 1.0])
     assert (_delta(merged) - expected).norm() / expected.norm() < 1e-5
@@ -189,15 +197,40 @@ def test_batched_stacks_are_rejected():
 @pytest.mark.cuda
 def test_compute_on_cuda_returns_to_the_input_device():
     stack = random_stack([4, 4])
-    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0]}, rank=8, device="cuda")["m"]
+    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0]}, rank=8, device="cuda", options=SUM_LIKE)["m"]
     assert merged.lora_A.device.type == "cpu"
     expected = _weighted_sum(stack, [1.0, 1.0])
     assert (_delta(merged) - expected).norm() / expected.norm() < 1e-10
 
 
-def test_default_rank_is_twice_the_largest_rank_capped_at_the_sum():
-    assert default_rank([8] * 6) == 16
+def test_default_rank_is_the_sum_of_the_ranks():
+    assert default_rank([8] * 6) == 48
     assert default_rank([8, 4]) == 12
     assert default_rank([16]) == 16
     with pytest.raises(ValueError, match=r"positive LoRA ranks, got \[4, 0\]"):
         default_rank([4, 0])
+
+
+def test_the_default_merge_of_one_adapter_flattens_its_spectrum():
+    # Whitened + isotropic at rank sum r: the adapter's own singular directions, every singular value
+    # replaced by their mean (times the weight).
+    stack = random_stack([6], scales=[2.0])
+    merged = merge_modules({"m": stack}, {"m": [0.5]}, rank=6)["m"]
+    u, s, vh = torch.linalg.svd(_weighted_sum(stack, [1.0]), full_matrices=False)
+    expected = 0.5 * s[:6].mean() * u[:, :6] @ vh[:6]
+    torch.testing.assert_close(_delta(merged), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_default_merge_of_orthogonal_adapters_with_flat_spectra_is_their_sum():
+    # Adapters in orthogonal subspaces, each with equal singular values: whitening and the flat
+    # spectrum change nothing, so the default cp merge is the weighted sum at weights 1.
+    gen = torch.Generator().manual_seed(0)
+    q_out, _ = torch.linalg.qr(torch.randn(20, 6, generator=gen, dtype=torch.float64))
+    q_in, _ = torch.linalg.qr(torch.randn(16, 6, generator=gen, dtype=torch.float64))
+    lora_B = [q_out[None, :, :3] * 3.0, q_out[None, :, 3:] * 3.0]
+    lora_A = [q_in[None, :, :3].mT, q_in[None, :, 3:].mT]
+    stack = LoraStack(lora_A, lora_B, [1.0, 1.0])
+    merged = merge_modules({"m": stack}, {"m": [1.0, 1.0]}, rank=6)["m"]
+    torch.testing.assert_close(_delta(merged), _weighted_sum(stack, [1.0, 1.0]), rtol=1e-10, atol=1e-12)
+    assert merged.fit_error < 1e-12  # rank sum r: the exact CP, no ALS
+    assert merged.n_iter == 0

@@ -8,6 +8,9 @@ import peft_cp_merge
 from peft_cp_merge import add_cp_weighted_adapter
 from peft_cp_merge import peft_binding as binding
 
+# The sum-like cp (whitening and the flat spectrum off): exact at full rank, PEFT's "cat".
+SUM_LIKE = {"cp_whiten": False, "cp_isotropic": False}
+
 
 def _peft(base, configs, **kwargs):
     names = list(configs)
@@ -88,7 +91,9 @@ def test_full_rank_cp_is_the_exact_weighted_sum(tiny_net, case):
     model = _peft(tiny_net, CASES[case])
     weights = [0.7, -0.4]
     full = _largest_total_rank(model, ["a", "b"])
-    report = model.add_weighted_adapter(["a", "b"], weights, "cp", combination_type="cp", cp_rank=full)
+    report = model.add_weighted_adapter(
+        ["a", "b"], weights, "cp", combination_type="cp", cp_rank=full, **SUM_LIKE
+    )
     assert report.rank == full
     assert model.peft_config["cp"].r == model.peft_config["cp"].lora_alpha == full
     assert max(report.rel_error.values()) < 1e-5  # the distance to the weighted sum, as reported
@@ -117,7 +122,9 @@ def test_full_rank_cp_gives_the_same_outputs_as_peft_cat(tiny_net, ids):
     model = _peft(tiny_net, CASES["conv2d"] | {"c": _config(r=2, lora_alpha=2)})
     image = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(0))
     model.add_weighted_adapter(["a", "b", "c"], [0.7, -0.4, 1.0], "cat", combination_type="cat")
-    model.add_weighted_adapter(["a", "b", "c"], [0.7, -0.4, 1.0], "cp", combination_type="cp", cp_rank=5)
+    model.add_weighted_adapter(
+        ["a", "b", "c"], [0.7, -0.4, 1.0], "cp", combination_type="cp", cp_rank=5, **SUM_LIKE
+    )
     cat, cp = _output(model, "cat", ids, image), _output(model, "cp", ids, image)
     assert (cp - cat).abs().max() <= 1e-5 * cat.abs().max()
 
@@ -126,7 +133,7 @@ def test_rslora_inputs_are_scaled_correctly(tiny_net):
     # The merged adapter folds every input's scaling (rsLoRA's alpha / sqrt(r) included) into its
     # factors and is written without use_rslora, so its own scaling is alpha / r = 1.
     model = _peft(tiny_net, CASES["rslora"])
-    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "cp", combination_type="cp", cp_rank=6)
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "cp", combination_type="cp", cp_rank=6, **SUM_LIKE)
     assert model.peft_config["cp"].use_rslora is False
     _assert_delta_is_weighted_sum(model, ["a", "b"], [1.0, 1.0], "cp")
 
@@ -157,7 +164,7 @@ def test_gpt2_conv1d_fan_in_fan_out():
     model = _peft(base.eval(), {"a": LoraConfig(r=4, **config), "b": LoraConfig(r=2, **config)})
     ids = torch.randint(0, 50, (2, 6))
     model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "cat", combination_type="cat")
-    model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "cp", combination_type="cp", cp_rank=6)
+    model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "cp", combination_type="cp", cp_rank=6, **SUM_LIKE)
     _assert_delta_is_weighted_sum(model, ["a", "b"], [1.0, 0.5], "cp")
     cat, cp = _output(model, "cat", ids).logits, _output(model, "cp", ids).logits
     assert torch.allclose(cp, cat, atol=1e-5)
@@ -181,7 +188,7 @@ def test_forward_equals_base_plus_the_merged_delta(tiny_net, ids, two_adapters):
 
 def test_single_adapter_reproduces_itself(tiny_net, ids):
     model = _peft(tiny_net, {"a": _config(r=4, lora_alpha=8, use_rslora=True)})
-    model.add_weighted_adapter(["a"], [1.0], "single", combination_type="cp")
+    model.add_weighted_adapter(["a"], [1.0], "single", combination_type="cp", **SUM_LIKE)
     assert model.peft_config["single"].r == 4
     single, original = _output(model, "single", ids), _output(model, "a", ids)
     assert (single - original).abs().max() <= 1e-6 * original.abs().max()
@@ -194,7 +201,7 @@ def test_half_precision_adapters(tiny_net, ids, dtype):
     model = _peft(base, {"a": _config(r=4), "b": _config(r=4)}, autocast_adapter_dtype=False)
     assert model.base_model.model.lin0.lora_A["a"].weight.dtype == dtype
     model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "cat", combination_type="cat")
-    model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "cp", combination_type="cp", cp_rank=8)
+    model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "cp", combination_type="cp", cp_rank=8, **SUM_LIKE)
     assert model.base_model.model.lin0.lora_A["cp"].weight.dtype == dtype
     _assert_delta_is_weighted_sum(model, ["a", "b"], [0.5, 0.5], "cp", rtol=2e-2)
     cat, cp = _output(model, "cat", ids).float(), _output(model, "cp", ids).float()
@@ -352,8 +359,9 @@ def test_plain_function_accepts_a_lora_model(two_adapters):
         add_cp_weighted_adapter(torch.nn.Linear(2, 2), ["a"], [1.0], "m")
 
 
-def test_default_rank_is_twice_the_largest_input_rank_capped_at_the_sum(two_adapters):
-    # Ranks 4 and 6: min(2 * 6, 4 + 6) = 10 (benchmarks/quality chose 2 max r on validation).
+def test_default_rank_is_the_sum_of_the_input_ranks(two_adapters):
+    # Ranks 4 and 6: 4 + 6 = 10 (the best cp variant of benchmarks/quality is whitened + isotropic
+    # at rank sum r).
     add_cp_weighted_adapter(two_adapters, ["a", "b"], [0.5, 0.5], "merged")
     assert two_adapters.peft_config["merged"].r == 10
     assert two_adapters.base_model.model.lin0.lora_A["merged"].weight.shape[0] == 10

@@ -64,8 +64,13 @@ def test_cp_is_bound_as_expected():
 
 
 def test_cp_through_peft_equals_the_direct_merge(planted):
-    planted.add_weighted_adapter(ADAPTERS, WEIGHTS, "via_peft", combination_type="cp", cp_rank=RANK)
-    add_cp_weighted_adapter(planted, ADAPTERS, WEIGHTS, "direct", rank=RANK)
+    # The sum-like cp (whitening and the flat spectrum off), the merge PEFT's own "cp" (patch 0002)
+    # implements; PEFT's own takes cp_rank only.
+    sum_like = {} if EXPECT == "peft" else {"cp_whiten": False, "cp_isotropic": False}
+    planted.add_weighted_adapter(
+        ADAPTERS, WEIGHTS, "via_peft", combination_type="cp", cp_rank=RANK, **sum_like
+    )
+    add_cp_weighted_adapter(planted, ADAPTERS, WEIGHTS, "direct", rank=RANK, whiten=False, isotropic=False)
     for layer in _layers(planted):
         exact = sum(w * layer.get_delta_weight(a) for a, w in zip(ADAPTERS, WEIGHTS, strict=True))
         torch.testing.assert_close(layer.get_delta_weight("direct"), exact, atol=1e-4, rtol=1e-4)

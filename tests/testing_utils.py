@@ -179,10 +179,15 @@ def tiny_base(seed: int = 0) -> TinyConv1dNet:
 
 
 def cp_delta(stack: LoraStack, weights: Sequence[float], rank: int, **options):
-    """One module's ``"cp"`` merge with ``CPOptions(**options)``: ``(lora_B @ lora_A, MergedLora)``."""
+    """One module's ``"cp"`` merge with ``options``: ``(lora_B @ lora_A, MergedLora)``.
+
+    ``whiten`` and ``isotropic`` are off unless given (the sum-like merge, not the package default),
+    so that each test turns on exactly the rules it is about.
+    """
     from peft_cp_merge.methods.cp import CPOptions, merge_modules
 
-    merged = merge_modules({"m": stack}, {"m": weights}, rank=rank, options=CPOptions(**options))["m"]
+    options = CPOptions(**{"whiten": False, "isotropic": False, **options})
+    merged = merge_modules({"m": stack}, {"m": weights}, rank=rank, options=options)["m"]
     return merged.lora_B @ merged.lora_A, merged
 
 

@@ -197,19 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_merge(args: argparse.Namespace) -> int:
     """``merge``: :func:`~.folders.merging.merge_adapter_folders`, or the plan with ``--dry-run``."""
+    options = get_method(args.method).make_options(method_options(args))
     if args.library is not None:
         if args.adapters:
             raise ValueError("Give either ADAPTER_DIR arguments or --library, not both")
         from ..library import library_merge_inputs
 
         inputs = library_merge_inputs(
-            args.library, weights=args.weights or "size", rank=args.rank, method=args.method
+            args.library, weights=args.weights or "size", rank=args.rank, method=args.method, options=options
         )
         args.adapters, args.weights, args.rank = list(inputs.adapter_dirs), list(inputs.weights), inputs.rank
     elif not args.adapters or args.weights is None:
         raise ValueError("Give ADAPTER_DIR arguments with --weights, or --library")
     device = check_device(args.device)
-    options = get_method(args.method).make_options(method_options(args))
     calibration_examples = _calibration_examples(args)
     if args.dry_run:
         check_output_dir(args.out, args.adapters, overwrite=args.overwrite)

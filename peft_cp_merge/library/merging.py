@@ -1,4 +1,4 @@
-"""Merging a finished adapter library into one adapter with the "cp" method, in one step."""
+"""Merging a finished adapter library into one adapter (the "cp" method by default), in one step."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ __all__ = ["WEIGHTINGS", "LibraryMergeInputs", "library_merge_inputs", "library_
 WEIGHTINGS = ("size", "uniform")
 
 
-def library_weights(sizes: Sequence[int], weights: str | Sequence[float] = "size") -> list[float]:
+def library_weights(
+    sizes: Sequence[int], weights: str | Sequence[float] = "size", *, per_adapter: bool = False
+) -> list[float]:
     """Merge weights for clusters of the given sizes.
 
     ``"size"`` (the default) gives cluster ``i`` the weight ``n_i / n``: the merge is then the
@@ -28,9 +30,14 @@ def library_weights(sizes: Sequence[int], weights: str | Sequence[float] = "size
     ``"uniform"`` gives every cluster ``1 / k``, favouring rare clusters. The weights sum to 1 in
     both cases, so a library whose adapters agree merges to that common adapter.
 
+    With ``per_adapter=True`` (methods that keep every adapter at its own strength, such as the
+    default ``"cp"``: :attr:`.MergeMethod.per_adapter_weights`) the same proportions are scaled to
+    average 1 (sum ``k``): ``k n_i / n`` and 1.
+
     Args:
         sizes: Examples per cluster.
-        weights: ``"size"``, ``"uniform"`` or one explicit weight per cluster.
+        weights: ``"size"``, ``"uniform"`` or one explicit weight per cluster (used as given).
+        per_adapter: Scale the named weightings to mean 1 instead of sum 1.
 
     Raises:
         ValueError: For an unknown name, or explicit weights of the wrong length or not finite.
@@ -38,14 +45,17 @@ def library_weights(sizes: Sequence[int], weights: str | Sequence[float] = "size
     Example:
         >>> library_weights([30, 10])
         [0.75, 0.25]
+        >>> library_weights([30, 10], per_adapter=True)
+        [1.5, 0.5]
     """
     if isinstance(weights, str):
         if weights not in WEIGHTINGS:
             raise ValueError(
                 f"Unknown weights {weights!r}; expected one of {WEIGHTINGS} or one number per cluster."
             )
+        scale = len(sizes) if per_adapter else 1
         total = sum(sizes)
-        return [size / total if weights == "size" else 1 / len(sizes) for size in sizes]
+        return [scale * (size / total if weights == "size" else 1 / len(sizes)) for size in sizes]
     weights = [float(w) for w in weights]
     if len(weights) != len(sizes) or not all(math.isfinite(w) for w in weights):
         raise ValueError(f"Need {len(sizes)} finite weights, one per cluster; got {weights}.")
@@ -73,29 +83,33 @@ def library_merge_inputs(
     weights: str | Sequence[float] = "size",
     rank: int | None = None,
     method: str = "cp",
+    options: Any = None,
 ) -> LibraryMergeInputs:
     """Resolves a library into adapter folders, merge weights and a rank.
 
     Args:
         lib_dir: A complete library written by `build_library`.
-        weights: See `library_weights`.
+        weights: See `library_weights`; named weightings average 1 for methods whose weights are
+            per adapter (the default ``"cp"``, ``"tsv"``, ``"iso_c"``, ``"iso_cts"``), else sum to 1.
         rank: Rank of the merged adapter. None: for ``"cp"`` the default of
             ``add_cp_weighted_adapter`` (`peft_cp_merge.methods.cp.default_rank` of the cluster
             adapters' ranks), for ``"svd"`` and ``"tsv"`` the largest cluster adapter rank (PEFT's
             svd default), and no rank for ``"cat"``.
         method: The merge method the inputs are for.
+        options: That method's options (as for ``merge_adapter_folders``; ``None``: its defaults).
 
     Raises:
         FileNotFoundError: If ``lib_dir`` is not a library.
-        ValueError: If the library is incomplete, or for bad weights.
+        ValueError: If the library is incomplete, or for bad weights or options.
     """
+    merge_method = get_method(method)
+    per_adapter = merge_method.per_adapter_weights(merge_method.make_options(options))
     library = load_library(lib_dir)
     if not library.manifest.complete:
         raise ValueError(
             f"The library in {str(lib_dir)!r} is incomplete; run build_library again to finish it."
         )
-    merge_weights = library_weights(library.manifest.sizes, weights)
-    merge_method = get_method(method)
+    merge_weights = library_weights(library.manifest.sizes, weights, per_adapter=per_adapter)
     if rank is None and merge_method.takes_rank:
         configs = [LoraConfig.from_pretrained(str(folder)) for folder in library.adapter_dirs]
         ranks = [max([config.r, *config.rank_pattern.values()]) for config in configs]
@@ -118,12 +132,15 @@ def merge_library(
     Args:
         lib_dir: A complete library written by `build_library`.
         out_dir: The merged adapter folder to write.
-        rank: CP rank of the merged adapter; None for the largest rank among the cluster adapters.
-        weights: See `library_weights`; cluster-size-proportional by default.
+        rank: CP rank of the merged adapter; None for the default (`default_rank`: the sum of the
+            cluster adapters' ranks).
+        weights: See `library_weights`; cluster-size-proportional by default, averaging 1 for the
+            default cp options (each cluster adapter at about its own strength) and summing to 1 for
+            ``options={"whiten": False, "isotropic": False}`` (the sum-like cp).
         overwrite: Replace an existing ``out_dir``.
         progress: Show a progress bar.
         **options: Passed on to ``peft_cp_merge.folders.merging.merge_adapter_folders`` (e.g.
-            ``device``, ``cp_options``).
+            ``device``, ``options``).
 
     Returns:
         The ``MergeResult`` of ``merge_adapter_folders``.
@@ -139,7 +156,7 @@ def merge_library(
     """
     from ..folders.merging import merge_adapter_folders
 
-    inputs = library_merge_inputs(lib_dir, weights=weights, rank=rank)
+    inputs = library_merge_inputs(lib_dir, weights=weights, rank=rank, options=options.get("options"))
     return merge_adapter_folders(
         inputs.adapter_dirs,
         out_dir,

@@ -75,6 +75,11 @@ class MergeMethod:
             ``stacks``: module name -> one-module :class:`~.engine.compression.LoraStack`,
             ``weights``: module name -> that module's merge weights; returns module name ->
             :class:`MergedLora` of rank exactly ``rank`` (zero-padded where a module has less).
+        per_adapter_weights: Options -> whether a weight of 1 keeps an adapter at its own strength
+            (each adapter's directions kept, as in task arithmetic), so that natural weights are about
+            1 each. ``False`` (the default): the merge is a weighted sum, natural weights sum to 1
+            (an average). Default weights that the package chooses (a library's cluster sizes)
+            follow it.
     """
 
     name: str
@@ -83,6 +88,7 @@ class MergeMethod:
     default_rank: Callable[[Sequence[int]], int]
     takes_rank: bool
     merge: MergeFn
+    per_adapter_weights: Callable[[Any], bool] = lambda options: False
 
     def make_options(self, options: Any = None) -> Any:
         """The method's options from ``None``, a mapping of field values, or an options object.

@@ -160,4 +160,5 @@ METHOD = MergeMethod(
     default_rank=sum,
     takes_rank=True,
     merge=per_module(merge_iso_c),
+    per_adapter_weights=lambda options: True,
 )

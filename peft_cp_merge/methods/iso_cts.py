@@ -193,4 +193,5 @@ METHOD = MergeMethod(
     default_rank=sum,
     takes_rank=True,
     merge=_merge,
+    per_adapter_weights=lambda options: True,
 )

@@ -57,4 +57,5 @@ METHOD = MergeMethod(
     default_rank=max,
     takes_rank=True,
     merge=per_module(merge_tsv),
+    per_adapter_weights=lambda options: True,
 )

@@ -81,7 +81,9 @@ def run_once(args, device: str) -> dict:
     for name, folder in zip(TASKS[1:], args.folders[1:], strict=True):
         model.load_adapter(str(folder), adapter_name=name)
     start = time.perf_counter()
-    model.add_weighted_adapter(list(TASKS), [1 / len(TASKS)] * len(TASKS), "cp", combination_type="cp")
+    sum_like = {"cp_rank": 16, "cp_whiten": False, "cp_isotropic": False}  # the measured merge, spelled out
+    weights = [1 / len(TASKS)] * len(TASKS)
+    model.add_weighted_adapter(list(TASKS), weights, "cp", combination_type="cp", **sum_like)
     merge_s = time.perf_counter() - start
     model.set_adapter("cp")
     report = calibrate(

@@ -87,7 +87,9 @@ def worker(mode: str, folders: list[str], rank: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from peft_cp_merge.folders.merging import iter_module_stacks, merge_adapter_folders
     from peft_cp_merge.folders.plan import plan_merge
-    from peft_cp_merge.methods.cp import merge_modules
+    from peft_cp_merge.methods.cp import CPOptions, merge_modules
+
+    sum_like = CPOptions.sum_like()  # the measured merge, spelled out
 
     weights = [1.0 / len(folders)] * len(folders)
     if mode == "imports":
@@ -96,7 +98,7 @@ def worker(mode: str, folders: list[str], rank: int, threads: int) -> dict:
         with tempfile.TemporaryDirectory(dir=HERE / "cache") as tmp:
             start = time.perf_counter()
             result = merge_adapter_folders(
-                folders, Path(tmp) / "merged", weights=weights, rank=rank, progress=False
+                folders, Path(tmp) / "merged", weights=weights, rank=rank, options=sum_like, progress=False
             )
             seconds = time.perf_counter() - start
         errors = [m.fit_error for m in result.modules.values()]
@@ -111,7 +113,7 @@ def worker(mode: str, folders: list[str], rank: int, threads: int) -> dict:
     stacks = next(iter_module_stacks(plan, group_bytes=2**62))  # one group: all modules
     module_weights = dict.fromkeys(stacks, weights)
     start = time.perf_counter()
-    merged = merge_modules(stacks, module_weights, rank=rank)
+    merged = merge_modules(stacks, module_weights, rank=rank, options=sum_like)
     seconds = time.perf_counter() - start
     errors = [m.fit_error for m in merged.values()]
     return {

@@ -185,7 +185,7 @@ def run_cp(stacks, rank, *, device=None, line_search=True):
     from peft_cp_merge.methods.cp import CPOptions
 
     weights = {name: [1.0] * s.shape[3] for name, s in stacks.items()}
-    options = CPOptions(line_search=line_search)
+    options = CPOptions.sum_like(line_search=line_search)  # the measured merge, spelled out
     merged = merge_modules(stacks, weights, rank=rank, options=options, device=device)
     _sync(device)
     return merged

@@ -49,7 +49,8 @@ def main():
     def variant(name):
         if name == "svd_r8_baseline":
             return lambda: ra.run_svd(stacks, 8)
-        options = CPOptions(init=name.removesuffix("-plain"), line_search=not name.endswith("-plain"))
+        start, plain = name.removesuffix("-plain"), name.endswith("-plain")
+        options = CPOptions.sum_like(init=start, line_search=not plain)
 
         def run():
             last[name] = merge_modules(stacks, weights, rank=16, options=options)

@@ -4,17 +4,20 @@ Three measurements, written to one JSON file with the machine, versions and date
 
 1. ``compare``: the same PEFT model (hidden 1024, 8 layers x q_proj, v_proj; N = 4 and 10 LoRA
    adapters of rank 16), merged side by side in one run by
-   - ours: ``add_weighted_adapter(..., combination_type="cp", cp_rank=R)`` for R = 4 and 16;
+   - ours: ``add_weighted_adapter(..., combination_type="cp", cp_rank=R)`` for R = 4 and 16, the
+     sum-like cp (``cp_whiten=False, cp_isotropic=False``: the same merge as the authors');
    - the authors' method (microsoft/mttl ``CPMergeAfter``): tensorly ``parafac`` on the dense
      N x d_in x d_out stack of each module, rank 4, init="random", random_state=42, tensorly defaults
      otherwise; merged delta = factors[1] @ factors[2].T (timed from the adapters to the merged deltas);
    - PEFT: ``add_weighted_adapter(..., combination_type="svd", svd_rank=16)``.
 2. ``mistral``: our merge on a Mistral-7B-shaped adapter set (q,k,v,o,gate,up,down in each of 32
-   layers, N = 10, r = 16, R = 16) through :func:`peft_cp_merge.merge_modules`, the engine behind
-   ``add_weighted_adapter`` (a 7B base model does not fit this machine's memory and is not needed).
-3. ``memory``: in a fresh subprocess, the extra peak resident memory of that merge (VmHWM after the
-   merge minus VmRSS before it, with the high-water mark reset in between) against the size of the
-   input A/B factors.
+   layers, N = 10, r = 16) through :func:`peft_cp_merge.merge_modules`, the engine behind
+   ``add_weighted_adapter`` (a 7B base model does not fit this machine's memory and is not needed):
+   the package defaults (whitened + isotropic, R = sum r = 160), interleaved in each repeat with the
+   first release's sum-like cp at R = 16.
+3. ``memory``: in a fresh subprocess, the extra peak resident memory of the default merge (VmHWM
+   after the merge minus VmRSS before it, with the high-water mark reset in between) against the size
+   of the input A/B factors.
 4. ``variants`` (not in the default run): the Mistral-shaped merge with issue 11's cp options
    (``VARIANTS``: whitened, isotropic, shared components counted once, per-module rank, and whitened +
    isotropic at the full rank ``sum r`` = 160), interleaved with the rank-16 sum-like cp in each
@@ -172,7 +175,7 @@ def _compare_one(n_adapters: int, args, sync) -> dict:
 
         def run_cp(i, cp_rank=cp_rank, reports=reports):
             name = f"cp{cp_rank}_{i}"
-            options = {"combination_type": "cp", "cp_rank": cp_rank, "cp_progress": False}
+            options = {"combination_type": "cp", "cp_rank": cp_rank, "cp_progress": False, **SUM_LIKE_KWARGS}
             reports.append(model.add_weighted_adapter(adapters, weights, name, **options))
 
         row[f"cp_rank{cp_rank}_s"], row[f"cp_rank{cp_rank}_runs_s"] = _median_time(run_cp, args.repeats, sync)
@@ -217,29 +220,50 @@ def _mistral_stacks(layers: int, n_adapters: int, rank: int, device: str):
 
 
 def _mistral_setting(args, stacks) -> dict:
-    """The fixed setting of the Mistral-shaped merges: N = 10 adapters of rank 16, CP rank 16."""
-    return {"layers": args.layers, "modules": len(stacks), "n_adapters": 10, "lora_rank": 16, "cp_rank": 16}
+    """The fixed setting of the Mistral-shaped merges: N = 10 adapters of rank 16."""
+    return {"layers": args.layers, "modules": len(stacks), "n_adapters": 10, "lora_rank": 16}
+
+
+# The package default (whitened + isotropic cp at rank sum r = 160) at its natural weights of 1 per
+# adapter, and the first release's sum-like cp at rank 16 = 2 max r (weights of a mean), as measured
+# before issue 11 changed the default.
+DEFAULT_RANK = 160
+SUM_LIKE_KWARGS = {"cp_whiten": False, "cp_isotropic": False}
 
 
 def part_mistral(args, sync) -> dict:
+    """The Mistral-shaped merge with the package defaults, interleaved with the sum-like rank-16 cp."""
     from peft_cp_merge import merge_modules
+    from peft_cp_merge.methods.cp import CPOptions, default_rank
 
     stacks = _mistral_stacks(args.layers, 10, 16, args.device)
-    weights = {name: [0.1] * 10 for name in stacks}
-    results = []
-
-    def run(i):
-        results.append(merge_modules(stacks, weights, rank=16, progress=False))
-
-    median, runs = _median_time(run, args.repeats, sync)
-    errors = [m.fit_error for m in results[-1].values()]
+    assert default_rank([16] * 10) == DEFAULT_RANK
+    setups = {
+        "default": ({name: [1.0] * 10 for name in stacks}, DEFAULT_RANK, None),
+        "sum_like_rank16": ({name: [0.1] * 10 for name in stacks}, 16, CPOptions.sum_like()),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in setups}
+    results = {}
+    for _ in range(args.repeats):
+        for name, (weights, rank, options) in setups.items():
+            sync()
+            start = time.perf_counter()
+            results[name] = merge_modules(stacks, weights, rank=rank, options=options, progress=False)
+            sync()
+            runs[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(times) for name, times in runs.items()}
     input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
     row = {
         **_mistral_setting(args, stacks),
+        "cp_rank": DEFAULT_RANK,
+        "options": "package defaults (CPOptions()), weights 1",
         "input_GB": input_bytes / 1e9,
-        "merge_s": median,
-        "merge_runs_s": runs,
-        "rel_error_mean": statistics.mean(errors),
+        "merge_s": medians["default"],
+        "merge_runs_s": runs["default"],
+        "sum_like_rank16_s": medians["sum_like_rank16"],
+        "sum_like_rank16_runs_s": runs["sum_like_rank16"],
+        "ratio_default_to_sum_like_rank16": medians["default"] / medians["sum_like_rank16"],
+        "fit_error_mean": statistics.mean(m.fit_error for m in results["default"].values()),
         "target_s": 10.0,
     }
     print(json.dumps(row), flush=True)
@@ -250,7 +274,7 @@ def part_mistral(args, sync) -> dict:
 # (160 = sum r: the exact CP, each adapter's SVD, no ALS).
 RANK_16 = {"whiten": False, "isotropic": False, "rank": 16}
 VARIANTS = {
-    "default": RANK_16,
+    "sum_like_rank16": RANK_16,
     "whiten_isotropic": {"whiten": True, "isotropic": True, "rank": 16},
     "sharing_exponent_1": {**RANK_16, "sharing_exponent": 1.0},
     "rank_tol_0.05": {**RANK_16, "rank_tol": 0.05},
@@ -280,7 +304,7 @@ def part_variants(args, sync) -> dict:
         "options": VARIANTS,
         "merge_s": medians,
         "merge_runs_s": runs,
-        "ratio_to_default": {name: medians[name] / medians["default"] for name in VARIANTS},
+        "ratio_to_sum_like_rank16": {name: medians[name] / medians["sum_like_rank16"] for name in VARIANTS},
         "target_s": 10.0,
     }
     print(json.dumps(row), flush=True)
@@ -303,15 +327,20 @@ def _with_extra_peak(fn):
 
 
 def part_memory_child(args) -> dict:
-    """Runs in a fresh process: extra peak RSS of one Mistral-shaped merge."""
+    """Runs in a fresh process: extra peak RSS of one Mistral-shaped merge with the package defaults."""
     from peft_cp_merge import merge_modules
 
     stacks = _mistral_stacks(args.layers, 10, 16, "cpu")
-    weights = {name: [0.1] * 10 for name in stacks}
+    weights = {name: [1.0] * 10 for name in stacks}
     input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
-    _, extra = _with_extra_peak(lambda: merge_modules(stacks, weights, rank=16, progress=False))
+    merged, extra = _with_extra_peak(
+        lambda: merge_modules(stacks, weights, rank=DEFAULT_RANK, progress=False)
+    )
+    output_bytes = sum(t.numel() * t.element_size() for m in merged.values() for t in (m.lora_A, m.lora_B))
     return {
         "layers": args.layers,
+        "cp_rank": DEFAULT_RANK,
+        "output_GB": output_bytes / 1e9,
         "input_GB": input_bytes / 1e9,
         "extra_peak_GB": extra / 1e9,
         "extra_peak_over_input": extra / input_bytes,
@@ -342,6 +371,9 @@ def part_large(args, sync) -> dict:
 
     from peft_cp_merge import LoraStack, merge_modules
     from peft_cp_merge.engine import starts as cp_init
+    from peft_cp_merge.methods.cp import CPOptions
+
+    sum_like = CPOptions.sum_like()  # the measured merge (ALS starts), spelled out
 
     n_adapters, rank, dim = 50, 64, 4096
     gen = torch.Generator().manual_seed(0)
@@ -358,7 +390,7 @@ def part_large(args, sync) -> dict:
             sync()
             begin = time.perf_counter()
             merged, extra = _with_extra_peak(
-                lambda: merge_modules(stacks, weights, rank=rank, progress=False)
+                lambda: merge_modules(stacks, weights, rank=rank, options=sum_like, progress=False)
             )
             sync()
             runs[start].append(time.perf_counter() - begin)
@@ -407,10 +439,16 @@ def print_table(path: Path) -> None:
     if "mistral" in data:
         r = data["mistral"]
         runs = ", ".join(f"{t:.1f}" for t in r["merge_runs_s"])
+        rank = r.get("cp_rank", 16)
         print(
-            f"\nMistral-7B-shaped set ({r['modules']} modules, N = 10, r = 16, R = 16, "
+            f"\nMistral-7B-shaped set ({r['modules']} modules, N = 10, r = 16, R = {rank}, "
             f"{r['input_GB']:.2f} GB of fp32 factors): median {r['merge_s']:.1f} s (runs: {runs})."
         )
+        if "sum_like_rank16_s" in r:
+            print(
+                f"The sum-like cp at R = 16, side by side: {r['sum_like_rank16_s']:.1f} s "
+                f"(default / sum-like = {r['ratio_default_to_sum_like_rank16']:.2f}x)."
+            )
     if "memory" in data:
         r = data["memory"]
         print(
@@ -419,11 +457,10 @@ def print_table(path: Path) -> None:
         )
     if "variants" in data:
         r = data["variants"]
+        ratios = r.get("ratio_to_sum_like_rank16") or r["ratio_to_default"]  # older files: "default"
         print(
-            "Mistral-shaped merge with cp options (median s, ratio to default): "
-            + ", ".join(
-                f"{k} {r['merge_s'][k]:.1f} s ({r['ratio_to_default'][k]:.2f}x)" for k in r["merge_s"]
-            )
+            "Mistral-shaped merge with cp options (median s, ratio to the sum-like rank-16 cp): "
+            + ", ".join(f"{k} {r['merge_s'][k]:.1f} s ({ratios[k]:.2f}x)" for k in r["merge_s"])
         )
     if "large" in data:
         r = data["large"]

@@ -4,10 +4,12 @@ Builds a tiny Llama from a config (random weights, nothing downloaded), gives it
 adapters that share part of their directions (as adapters fine-tuned from one base often do), and
 merges them with PEFT's add_weighted_adapter:
 
-- "cp" at several ranks, with the CP fit and the distance of the merged delta from the exact
-  weighted sum (PEFT's "cat", rank sum r_i);
-- PEFT's own "svd" at the same rank, for comparison;
-- then saves the cp adapter and reloads it with PeftModel.from_pretrained.
+- "cp" with its defaults: whitened, with a flat spectrum, at rank sum r_i = 24, weights 1 each (every
+  adapter kept at about its own strength; not the weighted sum, on purpose);
+- the sum-like "cp" (cp_whiten=False, cp_isotropic=False) at several ranks, with the CP fit and the
+  distance of the merged delta from the exact weighted sum (PEFT's "cat", rank sum r_i);
+- PEFT's own "svd" at the same ranks, for comparison;
+- then saves the default cp adapter and reloads it with PeftModel.from_pretrained.
 
 Run: python examples/quickstart.py
 """
@@ -70,14 +72,19 @@ def main() -> None:
     weights = [1.0, 1.0, 1.0]
     print(f"peft-cp-merge {peft_cp_merge.__version__}: merging {ADAPTERS} (rank 8 each), weights {weights}\n")
     print(f"{'merge':<14}{'rank':>5}{'CP fit error':>14}{'distance from exact sum':>26}{'time':>9}")
+    report = model.add_weighted_adapter(ADAPTERS, weights, "cp", combination_type="cp", cp_progress=False)
+    distance = distance_from_exact_sum(model, "cp", weights)
+    fit = max(report.fit_error.values())
+    print(f"{'cp (default)':<14}{report.rank:>5}{fit:>14.2e}{distance:>26.2e}{report.seconds:>8.2f}s")
+    sum_like = {"cp_whiten": False, "cp_isotropic": False}
     for rank in (4, 8, 16, 24):
         report = model.add_weighted_adapter(
-            ADAPTERS, weights, f"cp{rank}", combination_type="cp", cp_rank=rank, cp_progress=False
+            ADAPTERS, weights, f"cp{rank}", combination_type="cp", cp_rank=rank, cp_progress=False, **sum_like
         )
         fit = max(report.fit_error.values())
         print(
-            f"{'cp':<14}{rank:>5}{fit:>14.2e}{distance_from_exact_sum(model, f'cp{rank}', weights):>26.2e}"
-            f"{report.seconds:>8.2f}s"
+            f"{'cp sum-like':<14}{rank:>5}{fit:>14.2e}"
+            f"{distance_from_exact_sum(model, f'cp{rank}', weights):>26.2e}{report.seconds:>8.2f}s"
         )
     for rank in (4, 8):
         model.add_weighted_adapter(ADAPTERS, weights, f"svd{rank}", combination_type="svd", svd_rank=rank)
@@ -85,14 +92,18 @@ def main() -> None:
         print(f"{'peft svd':<14}{rank:>5}{'-':>14}{distance:>26.2e}")
 
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
-    model.set_adapter("cp8")
+    model.set_adapter("cp")
     expected = model(ids).logits
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder, selected_adapters=["cp8"])
-        reloaded = PeftModel.from_pretrained(tiny_llama(), f"{folder}/cp8")
+        model.save_pretrained(folder, selected_adapters=["cp"])
+        reloaded = PeftModel.from_pretrained(tiny_llama(), f"{folder}/cp")
         same = torch.equal(reloaded(ids).logits, expected)
-    print(f"\nsaved cp8, reloaded with PeftModel.from_pretrained: identical logits = {same}")
-    print("Rank 24 = 3 x 8 holds every direction: cp is then the exact weighted sum (PEFT's 'cat').")
+    print(f"\nsaved cp, reloaded with PeftModel.from_pretrained: identical logits = {same}")
+    print(
+        "The default cp decorrelates the adapters' directions and gives them one strength, so it is\n"
+        "not the sum (shared directions are not counted three times). The sum-like cp at rank\n"
+        "24 = 3 x 8 holds every direction: it is then the exact weighted sum (PEFT's 'cat')."
+    )
 
 
 if __name__ == "__main__":

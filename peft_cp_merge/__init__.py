@@ -4,7 +4,7 @@
 
     import peft_cp_merge  # noqa: F401
 
-    model.add_weighted_adapter(["math", "code"], [1.0, 1.0], "merged", combination_type="cp", cp_rank=16)
+    model.add_weighted_adapter(["math", "code"], [1.0, 1.0], "merged", combination_type="cp")
 
 The layers, each importing only the ones before it (``docs/design.md`` has the maths):
 

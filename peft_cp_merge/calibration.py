@@ -330,7 +330,7 @@ def calibrate(
     Example:
         >>> from peft_cp_merge.calibration import calibrate
         >>> model.add_weighted_adapter(
-        ...     ["math", "code"], [0.5, 0.5], "merged", combination_type="cp", cp_rank=16
+        ...     ["math", "code"], [1.0, 1.0], "merged", combination_type="cp"
         ... )  # doctest: +SKIP
         >>> report = calibrate(model, "merged", few_examples, steps=50)  # doctest: +SKIP
         >>> report.holdout_loss_after <= report.holdout_loss_before  # doctest: +SKIP

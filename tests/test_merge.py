@@ -5,7 +5,7 @@ from testing_utils import random_stack
 from peft_cp_merge.engine.compression import LoraStack
 from peft_cp_merge.methods.cp import CPOptions, aggregate_loadings, default_rank, merge_modules
 
-SUM_LIKE = CPOptions(whiten=False, isotropic=False)  # the sum-like joint CP (exact = PEFT's "cat")
+SUM_LIKE = CPOptions.sum_like()  # the first release's joint CP (exact: PEFT's "cat")
 
 
 def _delta(merged):
@@ -88,13 +88,13 @@ def test_disjoint_keeps_task_specific_components_at_full_strength():
         {"m": stack},
         {"m": weights},
         rank=2,
-        options=CPOptions(aggregation="disjoint", whiten=False, isotropic=False),
+        options=CPOptions.sum_like(aggregation="disjoint"),
     )["m"]
     weighted = merge_modules(
         {"m": stack},
         {"m": weights},
         rank=2,
-        options=CPOptions(aggregation="weighted", whiten=False, isotropic=False),
+        options=CPOptions.sum_like(aggregation="weighted"),
     )["m"]
     # weighted = the sum: component 0 once, component 1 twice; disjoint: both once.
     sum_expected = torch.outer(u[:, 0], v[:, 0]) + 2 * torch.outer(u[:, 1], v[:, 1])

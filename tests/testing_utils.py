@@ -186,7 +186,7 @@ def cp_delta(stack: LoraStack, weights: Sequence[float], rank: int, **options):
     """
     from peft_cp_merge.methods.cp import CPOptions, merge_modules
 
-    options = CPOptions(**{"whiten": False, "isotropic": False, **options})
+    options = CPOptions.sum_like(**options)
     merged = merge_modules({"m": stack}, {"m": weights}, rank=rank, options=options)["m"]
     return merged.lora_B @ merged.lora_A, merged
 

@@ -12,7 +12,7 @@ Argument types and the method options generated from the registry are in :mod:`.
 
 Example::
 
-    peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/
+    peft-cp-merge merge math/ code/ --weights 1 1 --out merged/
     peft-cp-merge analyze math/ code/ --rank 8 16 32 --out report/
     peft-cp-merge build-library --data train.jsonl --base-model model/ --k 10 --out library/
     peft-cp-merge merge --library library/ --rank 16 --out merged/
@@ -73,13 +73,16 @@ def _add_merge_parser(subparsers) -> None:
         epilog=(
             "methods:\n" + "".join(f"  {m.name:<7} {m.help}\n" for m in METHODS.values()) + "\n"
             "which method (six task adapters of a 135M model, 3 seeds; README, Quality):\n"
-            "  no data: cp --whiten --isotropic --rank <sum r>, weights about 1 each, or iso_cts\n"
-            "  (both 0.68 of the individual adapters' accuracy), then tsv (0.62); the default\n"
-            "  cp and the mean keep 0.55. With 16-32 examples per task, calibrate cp (0.84-0.90,\n"
-            "  one seed).\n\nexamples:\n"
-            "  peft-cp-merge merge math/ code/ --weights 1 1 --rank 16 --out merged/\n"
+            "  no data: the default cp (whitened, isotropic, rank sum r) with weights about 1\n"
+            "  each, or iso_cts (both 0.68 of the individual adapters' accuracy), then tsv\n"
+            "  (0.62); the sum-like cp (--no-whiten --no-isotropic) and the mean keep 0.55.\n"
+            "  With 16-32 examples per task, calibrate cp (--calibration; one seed).\n\n"
+            "weights: about 1 each keeps every adapter at its own strength for the default cp,\n"
+            "tsv, iso_c and iso_cts; weights summing to 1 average them for cat, svd and the\n"
+            "sum-like cp.\n\nexamples:\n"
+            "  peft-cp-merge merge math/ code/ --weights 1 1 --out merged/\n"
             "  peft-cp-merge merge a/ b/ c/ --weights .5 .3 .2 --method cat --out cat/ --dry-run\n"
-            "  peft-cp-merge merge --library library/ --rank 16 --out merged/"
+            "  peft-cp-merge merge --library library/ --out merged/"
         ),
     )
     parser.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR", help="adapter folders to merge")
@@ -87,8 +90,8 @@ def _add_merge_parser(subparsers) -> None:
         "--library",
         metavar="LIB_DIR",
         help="merge the cluster adapters of a library from build-library instead (default weights: "
-        "cluster sizes / total; default rank: min(2 max r, sum r) for cp, max r for svd/tsv, "
-        "sum r for iso_c/iso_cts)",
+        "K x cluster sizes / total for the default cp, tsv, iso_c, iso_cts; cluster sizes / total for "
+        "cat, svd and the sum-like cp; default rank: sum r for cp/iso_c/iso_cts, max r for svd/tsv)",
     )
     parser.add_argument(
         "--weights",

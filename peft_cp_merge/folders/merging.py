@@ -204,7 +204,7 @@ def merge_adapter_folders(
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
 
     Example:
-        >>> merge_adapter_folders(["math", "code"], "merged", weights=[1, 1], rank=16)  # doctest: +SKIP
+        >>> merge_adapter_folders(["math", "code"], "merged", weights=[1, 1])  # doctest: +SKIP
     """
     options = get_method(method).make_options(options)
     if group_bytes < 1:

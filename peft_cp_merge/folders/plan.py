@@ -223,7 +223,7 @@ def plan_merge(
         adapter_dirs: PEFT LoRA adapter folders (at least 2).
         weights: One merge weight per adapter.
         rank: Rank ``R`` of the merged adapter; ``None`` for the method's default (the largest over
-            modules of its ``default_rank``; for ``"cp"`` ``min(2 max r_i, sum r_i)``). Must be ``None``
+            modules of its ``default_rank``; for ``"cp"`` ``sum r_i``). Must be ``None``
             for ``"cat"``.
         method: A registered method name (:data:`peft_cp_merge.methods.METHODS`).
         allow_different_base: Merge adapters whose configs name different base models (with a

@@ -12,7 +12,7 @@ Example:
     ...     lora_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     ...     clustering=ClusteringOptions(k=10),
     ... )
-    >>> merge_library("my_library", "merged_adapter", rank=16)  # doctest: +SKIP
+    >>> merge_library("my_library", "merged_adapter")  # doctest: +SKIP
 """
 
 from .builder import TrainFn, build_library

@@ -150,7 +150,7 @@ def merge_library(
         ValueError: If the library is incomplete, or for bad weights or options.
 
     Example:
-        >>> result = merge_library("my_library", "merged_adapter", rank=16)  # doctest: +SKIP
+        >>> result = merge_library("my_library", "merged_adapter")  # doctest: +SKIP
         >>> result.out_dir  # doctest: +SKIP
         PosixPath('merged_adapter')
     """

@@ -144,6 +144,21 @@ class CPOptions:
         metadata={"help": "per-module rank: fewest components within this fit error of rank R (0: off)"},
     )
 
+    @classmethod
+    def sum_like(cls, **changes: object) -> CPOptions:
+        """The first release's sum-like cp: whitening and the flat spectrum off, other fields as given.
+
+        Its merge is ``sum_r lambda_r (sum_i w_i c_ir) u_r v_r^T``: at a rank of ``sum r_i`` or more
+        exactly PEFT's ``"cat"``, below it a joint low-rank approximation of the weighted sum; weights
+        that sum to 1 average the adapters. The benchmarks that measured it use this.
+
+        Example:
+            >>> options = CPOptions.sum_like(init="svd")
+            >>> options.whiten, options.isotropic, options.init
+            (False, False, 'svd')
+        """
+        return cls(**{"whiten": False, "isotropic": False, **changes})
+
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(

@@ -190,7 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         parser.add_argument(option, type=kind, help=_preset_help(text, option[2:].replace("-", "_")))
     parser.add_argument("--k", type=int, nargs="+", help=_preset_help("candidate numbers of clusters", "k"))
-    parser.add_argument("--rank", type=int, default=8, help="CP rank of the merged adapter")
+    parser.add_argument(
+        "--rank", type=int, default=None, help="CP rank of the merged adapter (default: sum of ranks)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
@@ -254,7 +256,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
         )
 
     merged = merge_library(library.path, out / "merged", rank=args.rank, overwrite=True)
-    print(f"Merged with cp at rank {args.rank} in {merged.seconds:.1f} s -> {merged.out_dir}")
+    print(f"Merged with cp at rank {merged.plan.rank} in {merged.seconds:.1f} s -> {merged.out_dir}")
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

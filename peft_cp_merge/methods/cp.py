@@ -315,7 +315,9 @@ def _fit_chunk(core: LoraCore, full_rank: int, weights_batch: Tensor, options: C
         ranks = sorted({-(-full_rank * k // 4) for k in (1, 2, 3)} | {full_rank})
     fits = {}
     for r in ranks:
-        logger.info("CP-ALS on %d modules, core %s, rank %d", core.left.shape[0], core.shape[1:], r)
+        exact = options.init == "gevd" and r >= core.left.shape[2]  # cp_als returns the core's own CP
+        what = "Exact CP (no ALS)" if exact else "CP-ALS"
+        logger.info("%s on %d modules, core %s, rank %d", what, core.left.shape[0], core.shape[1:], r)
         result = cp_als(
             core,
             r,

@@ -70,6 +70,20 @@ def test_cp_merge_from_folders_equals_the_in_memory_merge(adapters, tmp_path):
     torch.testing.assert_close(got(TOKENS), expected(TOKENS), rtol=1e-6, atol=1e-6)
 
 
+def test_default_and_sum_like_cp_from_folders_equal_their_in_memory_merges(adapters, tmp_path, capsys):
+    default, sum_like = tmp_path / "default", tmp_path / "sum_like"
+    assert merge(*adapters, "--weights", *WEIGHTS, "--out", default) == 0
+    assert "departs from the sum on purpose" in capsys.readouterr().out
+    assert merge(*adapters, "--weights", *WEIGHTS, "--no-whiten", "--no-isotropic", "--out", sum_like) == 0
+    assert "on purpose" not in capsys.readouterr().out
+    for out, options in ((default, {}), (sum_like, {"cp_whiten": False, "cp_isotropic": False})):
+        expected = in_memory(adapters, "cp", **options)
+        got = loaded(out)
+        assert got.peft_config["default"].r == 7  # the default rank: sum r = 4 + 3
+        torch.testing.assert_close(got(TOKENS), expected(TOKENS), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(loaded(default)(TOKENS), loaded(sum_like)(TOKENS), atol=1e-4)
+
+
 def test_cat_merge_is_the_exact_weighted_sum(adapters, tmp_path):
     out = tmp_path / "out"
     assert merge(*adapters, "--weights", *WEIGHTS, "--method", "cat", "--out", out) == 0

@@ -241,10 +241,12 @@ def run_merge(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     errors = [e for e in result.rel_errors.values() if e is not None]
+    on_purpose = get_method(args.method).per_adapter_weights(options)
     print(
         f"Wrote {result.out_dir}: method {result.plan.method}, rank {result.plan.rank}, "
         f"{len(result.plan.modules)} modules in {result.seconds:.1f} s; distance to the weighted sum "
         f"(relative) mean {sum(errors) / len(errors):.4g}, max {max(errors):.4g}"
+        + (" (this method departs from the sum on purpose)" if on_purpose else "")
     )
     if calibration_examples is not None:
         from ..library.calibrating import calibrate_adapter_folder

@@ -84,18 +84,10 @@ def test_disjoint_keeps_task_specific_components_at_full_strength():
     loadings = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
     stack, u, v = _shared_cp_stack(loadings)
     weights = [1.0, 1.0]
-    disjoint = merge_modules(
-        {"m": stack},
-        {"m": weights},
-        rank=2,
-        options=CPOptions.sum_like(aggregation="disjoint"),
-    )["m"]
-    weighted = merge_modules(
-        {"m": stack},
-        {"m": weights},
-        rank=2,
-        options=CPOptions.sum_like(aggregation="weighted"),
-    )["m"]
+    disjoint, weighted = (
+        merge_modules({"m": stack}, {"m": weights}, rank=2, options=CPOptions.sum_like(aggregation=a))["m"]
+        for a in ("disjoint", "weighted")
+    )
     # weighted = the sum: component 0 once, component 1 twice; disjoint: both once.
     sum_expected = torch.outer(u[:, 0], v[:, 0]) + 2 * torch.outer(u[:, 1], v[:, 1])
     disjoint_expected = torch.outer(u[:, 0], v[:, 0]) + torch.outer(u[:, 1], v[:, 1])

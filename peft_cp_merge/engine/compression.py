@@ -325,18 +325,29 @@ def compress_many(stacks: Sequence[LoraStack], *, rcond: float | None = None) ->
 
 
 @torch.no_grad()
-def lift(core_factor: Tensor, cat: Tensor, basis: Tensor, *, out_dtype: torch.dtype | None = None) -> Tensor:
+def lift(
+    core_factor: Tensor,
+    cat: Tensor,
+    basis: Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    rows: bool = False,
+) -> Tensor:
     """Lift a core-space factor to the adapters' space: ``cat @ (basis @ core_factor)``.
 
     Args:
         core_factor: ``(batch, M, R)`` factor in core coordinates.
-        cat: ``Bcat`` ``(batch, d_out, M)`` for mode 1, or ``Acat^T`` ``(batch, d_in, M)`` for mode 2.
+        cat: ``Bcat`` ``(batch, d_out, M)`` for mode 1, or ``Acat^T`` ``(batch, d_in, M)`` for mode 2;
+            with ``rows=True``, ``Acat`` ``(batch, M, d_in)``.
         basis: The matching ``basis_B`` or ``basis_A`` ``(batch, M, M)``.
         out_dtype: Result dtype (default: ``cat``'s dtype, promoted to at least float32).
+        rows: Return the lifted factor transposed, ``(basis @ core_factor)^T @ Acat``, written as
+            rows (a ``lora_A`` layout) instead of a transposed view.
 
     Returns:
-        ``(batch, d, R)``.
+        ``(batch, d, R)``, or ``(batch, R, d)`` with ``rows=True``.
     """
     work = torch.promote_types(cat.dtype, torch.float32)
     small = (basis @ core_factor.to(basis.dtype)).to(work)
-    return (cat.to(work) @ small).to(out_dtype or work)
+    lifted = small.mT @ cat.to(work) if rows else cat.to(work) @ small
+    return lifted.to(out_dtype or work)

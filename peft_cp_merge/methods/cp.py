@@ -217,8 +217,8 @@ def _gains(weights: Tensor, loadings: Tensor, merge_weights: Tensor, options: CP
 
 def _split_gains(u: Tensor, v: Tensor, gains: Tensor) -> tuple[Tensor, Tensor]:
     """``lora_B = U diag(sqrt|g|)``, ``lora_A = diag(sign(g) sqrt|g|) V^T`` for one module."""
-    root = gains.abs().sqrt().to(u.dtype)
-    return (torch.sign(gains).to(u.dtype) * root)[:, None] * v.mT, u * root[None, :]
+    root = gains.abs().sqrt()
+    return (torch.sign(gains) * root)[:, None] * v.mT, u * root[None, :]
 
 
 def merge_modules(
@@ -379,25 +379,24 @@ def _lift_module(
     ``whitened``: the batch's core-space ``(polar(U), polar(V), g)`` (:func:`_whitened`), lifted instead.
     """
     here = slice(index, index + 1)
-    cat_B, cat_At, basis_B, basis_A = (
-        stack.cat_B(),
-        stack.cat_A().mT,
-        compressed.basis_B[here],
-        compressed.basis_A[here],
-    )
+    basis_B, basis_A = compressed.basis_B[here], compressed.basis_A[here]
     if whitened is not None:
-        # Orthonormal columns: the working dtype (float32 for float32 adapters) loses nothing here.
-        u, v = lift(whitened[0][here], cat_B, basis_B), lift(whitened[1][here], cat_At, basis_A)
+        # The gains go into the small core-space factors, so each d-sized factor is written once, in
+        # the working dtype (orthonormal columns: float32 loses nothing here), lora_A as rows.
         gains = whitened[2][index]
+        root = gains.abs().sqrt()
+        lora_B = lift(whitened[0][here] * root, stack.cat_B(), basis_B)[0]
+        signed = whitened[1][here] * (torch.sign(gains) * root)
+        lora_A = lift(signed, stack.cat_A(), basis_A, rows=True)[0]
     else:
         factors = (
-            lift(result.factors[0][here], cat_B, basis_B, out_dtype=torch.float64),
-            lift(result.factors[1][here], cat_At, basis_A, out_dtype=torch.float64),
+            lift(result.factors[0][here], stack.cat_B(), basis_B, out_dtype=torch.float64),
+            lift(result.factors[1][here], stack.cat_A().mT, basis_A, out_dtype=torch.float64),
             result.factors[2][here].to(torch.float64),
         )
         cp_weights, (u, v, c) = canonicalize(result.weights[here].to(torch.float64), factors)
         gains = _gains(cp_weights, c, merge_weights[None].to(c.device), options)[0]
-    lora_A, lora_B = _split_gains(u[0], v[0], gains)
+        lora_A, lora_B = _split_gains(u[0], v[0], gains)
     home, out_dtype = original.lora_A[0].device, original.lora_A[0].dtype
     merged = MergedLora(
         lora_A=lora_A.to(dtype=out_dtype, device=home),

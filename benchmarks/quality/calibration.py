@@ -279,6 +279,19 @@ def summary(items: int) -> dict:
             entry["minus_static"]["mean_normalised"] = bootstrap_gap(
                 result["correct"], reference["correct"], individual["correct"]
             )
+        same_settings_sum16 = path.with_name(
+            path.name.replace(f"calibrated{suffix(start_name)}_", "calibrated_")
+        )
+        if start_name != "sum16" and same_settings_sum16.exists():  # the same calibration from sum16
+            other = json.loads(same_settings_sum16.read_text())
+            entry["minus_sum16_start"] = {
+                "of": same_settings_sum16.name.removesuffix(f".items{items}.test.json"),
+                "mean_accuracy": bootstrap_gap(result["correct"], other["correct"], ones),
+            }
+            if individual:
+                entry["minus_sum16_start"]["mean_normalised"] = bootstrap_gap(
+                    result["correct"], other["correct"], individual["correct"]
+                )
         calibrated[path.name.removesuffix(f".items{items}.test.json")] = entry
     previous = EVALS / "per_task" / "cp_weighted_r16.test.json"
     same_as_previous = None

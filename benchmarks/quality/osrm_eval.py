@@ -86,10 +86,20 @@ from train import ADAPTERS, load_lora_deltas, stacked_factors  # noqa: E402
 OUT = EVALS / "osrm"
 SUMMARY = HERE / "results" / "osrm.json"
 SETS = {"plain": ADAPTERS, "osrm": OSRM_ADAPTERS}  # the per-task adapters; libraries: adapter_dirs()
-MERGE_SPECS = ("cat", "cp_weighted_r16", "tsv_r48", "knots_ties", "cp_whiten_r16", "iso_c_r48", "iso_cts_r48")
+# cp_iso_r48: the cp default since 0.2.0 (whitened, isotropic, rank sum r), added to both sets then
+MERGE_SPECS = (
+    "cat",
+    "cp_weighted_r16",
+    "tsv_r48",
+    "knots_ties",
+    "cp_whiten_r16",
+    "iso_c_r48",
+    "iso_cts_r48",
+    "cp_iso_r48",
+)
 # issue 11's cp variants and the K = 12 full-rank specs: run on the plain sets (variants_summary.py)
 VARIANT_SPECS = {
-    "per_task": ("cp_shared_r16", "cp_iso_r16", "cp_iso_r48", "cp_rank_tol_r16"),
+    "per_task": ("cp_shared_r16", "cp_iso_r16", "cp_rank_tol_r16"),
     "clora_k12": ("cp_shared_r16", "cp_iso_r96", "iso_c_r96", "iso_cts_r96"),
 }
 PARTS = ("per_task", "clora_k12")

@@ -24,6 +24,9 @@ Three measurements, written to one JSON file with the machine, versions and date
    repeat, as ratios to its median.
 5. ``large`` (not in the default run): one module with N = 50 adapters of rank 64 (M = 3200), merged
    with the randomized subspace start and with the explicit eigendecomposition start, alternating.
+6. ``large_default`` (not in the default run): the same module merged with the package defaults
+   (R = sum r = 3200: the exact CP, two 3200 x 3200 polar factors, a rank-3200 output), alternating
+   with the sum-like cp at R = 64.
 
 Timings are medians over ``--repeats`` runs (the dense tensorly method: one run, summed over modules).
 
@@ -32,6 +35,8 @@ Usage::
     python benchmarks/speed.py                      # everything, 1 thread, results/speed.json
     python benchmarks/speed.py --parts mistral memory --threads 2
     python benchmarks/speed.py --parts large --out benchmarks/results/speed_large.json
+    python benchmarks/speed.py --parts large_default --threads 2 --repeats 2 \
+        --out benchmarks/results/speed_large_default_2threads.json
     python benchmarks/speed.py --parts variants --threads 2 \
         --out benchmarks/results/speed_variants_2threads.json
     python benchmarks/speed.py --table benchmarks/results/speed.json   # print the README table
@@ -412,6 +417,43 @@ def part_large(args, sync) -> dict:
     return row
 
 
+def part_large_default(args, sync) -> dict:
+    """The large module of ``part_large`` merged with the package defaults (R = sum r = 3200),
+    alternating with the sum-like cp at R = 64 (one run each per repeat)."""
+    import torch
+
+    from peft_cp_merge import LoraStack, merge_modules
+    from peft_cp_merge.methods.cp import CPOptions
+
+    n_adapters, rank, dim = 50, 64, 4096
+    gen = torch.Generator().manual_seed(0)
+    lora_A = [torch.randn(1, rank, dim, generator=gen).mul_(0.02).to(args.device) for _ in range(n_adapters)]
+    lora_B = [torch.randn(1, dim, rank, generator=gen).mul_(0.02).to(args.device) for _ in range(n_adapters)]
+    stacks = {"module": LoraStack(lora_A, lora_B, [2.0] * n_adapters)}
+    setups = {
+        "default": ({"module": [1.0] * n_adapters}, n_adapters * rank, None),
+        "sum_like_rank64": ({"module": [1 / n_adapters] * n_adapters}, rank, CPOptions.sum_like()),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(args.repeats):
+        for name, (weights, cp_rank, options) in setups.items():
+            sync()
+            begin = time.perf_counter()
+            merge_modules(stacks, weights, rank=cp_rank, options=options, progress=False)
+            sync()
+            runs[name].append(time.perf_counter() - begin)
+    row = {
+        "n_adapters": n_adapters,
+        "lora_rank": rank,
+        "d": dim,
+        "cp_rank": {name: setup[1] for name, setup in setups.items()},
+        **{f"{name}_s": statistics.median(times) for name, times in runs.items()},
+        **{f"{name}_runs_s": times for name, times in runs.items()},
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def print_table(path: Path) -> None:
     data = json.loads(path.read_text())
     m = data["machine"]
@@ -462,6 +504,13 @@ def print_table(path: Path) -> None:
             "Mistral-shaped merge with cp options (median s, ratio to the sum-like rank-16 cp): "
             + ", ".join(f"{k} {r['merge_s'][k]:.1f} s ({ratios[k]:.2f}x)" for k in r["merge_s"])
         )
+    if "large_default" in data:
+        r = data["large_default"]
+        print(
+            f"One module, N = {r['n_adapters']}, r = {r['lora_rank']}, d = {r['d']}: the default cp (R = "
+            f"{r['cp_rank']['default']}) {r['default_s']:.1f} s, the sum-like cp at R = "
+            f"{r['cp_rank']['sum_like_rank64']} {r['sum_like_rank64_s']:.1f} s."
+        )
     if "large" in data:
         r = data["large"]
         print(
@@ -480,7 +529,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["compare", "mistral", "memory"],
-        choices=["compare", "mistral", "memory", "variants", "large"],
+        choices=["compare", "mistral", "memory", "variants", "large", "large_default"],
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch/BLAS threads (1 resists noisy neighbours)"
@@ -521,6 +570,8 @@ def main() -> None:
         results["variants"] = part_variants(args, sync)
     if "large" in args.parts:
         results["large"] = part_large(args, sync)
+    if "large_default" in args.parts:
+        results["large_default"] = part_large_default(args, sync)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -226,3 +226,22 @@ def test_the_default_merge_of_orthogonal_adapters_with_flat_spectra_is_their_sum
     torch.testing.assert_close(_delta(merged), _weighted_sum(stack, [1.0, 1.0]), rtol=1e-10, atol=1e-12)
     assert merged.fit_error < 1e-12  # rank sum r: the exact CP, no ALS
     assert merged.n_iter == 0
+
+
+@pytest.mark.parametrize(
+    ("weights", "options", "warns"),
+    [
+        ([0.5, 0.5], None, True),  # the weights of a mean with the per-adapter default
+        ([0.7, 0.3], {"isotropic": False}, True),  # whitened alone is per adapter too
+        ([1.0, 1.0], None, False),  # the natural scale
+        ([1.5, -0.5], None, False),  # sums to 1, but not an average
+        ([0.5, 0.5], {"whiten": False, "isotropic": False}, False),  # the sum-like merge averages
+    ],
+)
+def test_the_weights_of_an_average_with_a_per_adapter_merge_warn(weights, options, warns, recwarn):
+    merge_modules({"m": random_stack([2, 2])}, {"m": weights}, rank=4, options=options)
+    messages = [str(w.message) for w in recwarn if "sum to 1" in str(w.message)]
+    assert len(messages) == warns
+    if warns:
+        assert "about 1/2 of it" in messages[0]
+        assert "--no-whiten --no-isotropic" in messages[0]

@@ -55,6 +55,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from speed_large import large_table, part_large, part_large_default
+
 MISTRAL_SHAPES = {  # name: (d_out, d_in)
     "q_proj": (4096, 4096),
     "k_proj": (1024, 4096),
@@ -369,91 +371,6 @@ def part_memory(args) -> dict:
     return row
 
 
-def part_large(args, sync) -> dict:
-    """One module with many adapters (N = 50, r = 64, M = 3200, d = 4096, R = 64), merged with the
-    randomized subspace start and with the explicit ``O(M^3)`` eigendecomposition start, alternating."""
-    import torch
-
-    from peft_cp_merge import LoraStack, merge_modules
-    from peft_cp_merge.engine import starts as cp_init
-    from peft_cp_merge.methods.cp import CPOptions
-
-    sum_like = CPOptions.sum_like()  # the measured merge (ALS starts), spelled out
-
-    n_adapters, rank, dim = 50, 64, 4096
-    gen = torch.Generator().manual_seed(0)
-    lora_A = [torch.randn(1, rank, dim, generator=gen).mul_(0.02).to(args.device) for _ in range(n_adapters)]
-    lora_B = [torch.randn(1, dim, rank, generator=gen).mul_(0.02).to(args.device) for _ in range(n_adapters)]
-    stacks = {"module": LoraStack(lora_A, lora_B, [2.0] * n_adapters)}
-    weights = {"module": [1 / n_adapters] * n_adapters}
-    default_min_dim = cp_init.RANDOMIZED_MIN_DIM
-    runs = {"randomized": [], "eigh": []}
-    errors, peaks = {}, {}
-    for i in range(args.repeats):
-        for start in ("randomized", "eigh") if i % 2 == 0 else ("eigh", "randomized"):
-            cp_init.RANDOMIZED_MIN_DIM = default_min_dim if start == "randomized" else 1 << 62
-            sync()
-            begin = time.perf_counter()
-            merged, extra = _with_extra_peak(
-                lambda: merge_modules(stacks, weights, rank=rank, options=sum_like, progress=False)
-            )
-            sync()
-            runs[start].append(time.perf_counter() - begin)
-            peaks[start] = extra / 1e9
-            errors[start] = merged["module"].fit_error
-    cp_init.RANDOMIZED_MIN_DIM = default_min_dim
-    row = {
-        "n_adapters": n_adapters,
-        "lora_rank": rank,
-        "d": dim,
-        "cp_rank": rank,
-        **{f"{start}_s": statistics.median(times) for start, times in runs.items()},
-        **{f"{start}_runs_s": times for start, times in runs.items()},
-        **{f"{start}_rel_error": errors[start] for start in runs},
-        **{f"{start}_extra_peak_GB": peaks[start] for start in runs},
-    }
-    row["speedup"] = row["eigh_s"] / row["randomized_s"]
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def part_large_default(args, sync) -> dict:
-    """The large module of ``part_large`` merged with the package defaults (R = sum r = 3200),
-    alternating with the sum-like cp at R = 64 (one run each per repeat)."""
-    import torch
-
-    from peft_cp_merge import LoraStack, merge_modules
-    from peft_cp_merge.methods.cp import CPOptions
-
-    n_adapters, rank, dim = 50, 64, 4096
-    gen = torch.Generator().manual_seed(0)
-    lora_A = [torch.randn(1, rank, dim, generator=gen).mul_(0.02).to(args.device) for _ in range(n_adapters)]
-    lora_B = [torch.randn(1, dim, rank, generator=gen).mul_(0.02).to(args.device) for _ in range(n_adapters)]
-    stacks = {"module": LoraStack(lora_A, lora_B, [2.0] * n_adapters)}
-    setups = {
-        "default": ({"module": [1.0] * n_adapters}, n_adapters * rank, None),
-        "sum_like_rank64": ({"module": [1 / n_adapters] * n_adapters}, rank, CPOptions.sum_like()),
-    }
-    runs: dict[str, list[float]] = {name: [] for name in setups}
-    for _ in range(args.repeats):
-        for name, (weights, cp_rank, options) in setups.items():
-            sync()
-            begin = time.perf_counter()
-            merge_modules(stacks, weights, rank=cp_rank, options=options, progress=False)
-            sync()
-            runs[name].append(time.perf_counter() - begin)
-    row = {
-        "n_adapters": n_adapters,
-        "lora_rank": rank,
-        "d": dim,
-        "cp_rank": {name: setup[1] for name, setup in setups.items()},
-        **{f"{name}_s": statistics.median(times) for name, times in runs.items()},
-        **{f"{name}_runs_s": times for name, times in runs.items()},
-    }
-    print(json.dumps(row), flush=True)
-    return row
-
-
 def print_table(path: Path) -> None:
     data = json.loads(path.read_text())
     m = data["machine"]
@@ -504,21 +421,7 @@ def print_table(path: Path) -> None:
             "Mistral-shaped merge with cp options (median s, ratio to the sum-like rank-16 cp): "
             + ", ".join(f"{k} {r['merge_s'][k]:.1f} s ({ratios[k]:.2f}x)" for k in r["merge_s"])
         )
-    if "large_default" in data:
-        r = data["large_default"]
-        print(
-            f"One module, N = {r['n_adapters']}, r = {r['lora_rank']}, d = {r['d']}: the default cp (R = "
-            f"{r['cp_rank']['default']}) {r['default_s']:.1f} s, the sum-like cp at R = "
-            f"{r['cp_rank']['sum_like_rank64']} {r['sum_like_rank64_s']:.1f} s."
-        )
-    if "large" in data:
-        r = data["large"]
-        print(
-            f"One module, N = {r['n_adapters']}, r = {r['lora_rank']}, d = {r['d']}, R = {r['cp_rank']}: "
-            f"{r['randomized_s']:.1f} s with the randomized start, {r['eigh_s']:.1f} s with the eigh start "
-            f"({r['speedup']:.1f}x; rel. error {r['randomized_rel_error']:.4f} vs {r['eigh_rel_error']:.4f}; "
-            f"extra peak {r['randomized_extra_peak_GB']:.2f} GB vs {r['eigh_extra_peak_GB']:.2f} GB)."
-        )
+    large_table(data)
 
 
 def main() -> None:
@@ -569,7 +472,7 @@ def main() -> None:
     if "variants" in args.parts:
         results["variants"] = part_variants(args, sync)
     if "large" in args.parts:
-        results["large"] = part_large(args, sync)
+        results["large"] = part_large(args, sync, _with_extra_peak)
     if "large_default" in args.parts:
         results["large_default"] = part_large_default(args, sync)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -126,3 +126,11 @@ def test_polar_of_a_batch_is_each_matrix_polar_with_its_own_cutoff():
         torch.testing.assert_close(p, polar(x), **TOL)
     torch.testing.assert_close(polar(full).T @ polar(full), torch.eye(5, dtype=torch.float64), **TOL)
     assert torch.linalg.matrix_rank(polar(deficient)) == 3
+
+
+def test_tsv_ignores_an_adapter_with_weight_zero():
+    stack = random_stack([3, 2, 4], seed=4)
+    first = LoraStack([stack.lora_A[0]], [stack.lora_B[0]], [float(stack.scales[0][0])])
+    with_zero = merge_tsv(stack, [1.3, 0.0, 0.0], rank=9)
+    alone = merge_tsv(first, [1.3], rank=3)
+    torch.testing.assert_close(delta(with_zero), delta(alone), **TOL)

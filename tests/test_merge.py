@@ -245,3 +245,13 @@ def test_the_weights_of_an_average_with_a_per_adapter_merge_warn(weights, option
     if warns:
         assert "about 1/2 of it" in messages[0]
         assert "--no-whiten --no-isotropic" in messages[0]
+
+
+def test_the_default_merge_ignores_an_adapter_with_weight_zero():
+    # At the default full rank each component belongs to one adapter: weight 0 gives its components
+    # gain 0, and they are left out of the whitening, so the others merge as if it were absent.
+    stack = random_stack([3, 2, 4], seed=4)
+    first_two = LoraStack(stack.lora_A[:2], stack.lora_B[:2], stack.scales[0][:2].tolist())
+    with_zero = merge_modules({"m": stack}, {"m": [1.0, 0.8, 0.0]}, rank=9)["m"]
+    without = merge_modules({"m": first_two}, {"m": [1.0, 0.8]}, rank=5)["m"]
+    torch.testing.assert_close(_delta(with_zero), _delta(without), rtol=1e-10, atol=1e-12)

@@ -196,12 +196,16 @@ def _whitened(result: CPResult, merge_weights: Tensor, options: CPOptions) -> tu
     ``U``, ``V`` in canonical form (unit columns, the product of all column norms and ALS's weight in
     ``lambda_r``), so ``g_r`` is the unwhitened gain (:func:`.component_gains`).
     The polar factor is equivariant under column signs and order, so these choices do not matter.
+    Components with a zero gain (at full rank: those of an adapter with weight 0) are left out of the
+    polar factors (their columns zeroed; the canonical polar factor of ``[X, 0]`` is
+    ``[polar(X), 0]``), so they do not turn the others' directions.
     """
     weights, (a, b, c) = canonicalize(
         result.weights.to(torch.float64), tuple(f.to(torch.float64) for f in result.factors)
     )
     gains = _gains(weights, c, merge_weights, options)
-    return polar(a), polar(b), gains
+    used = (gains != 0).to(a.dtype)[:, None, :]  # a component the merge does not use shapes nothing
+    return polar(a * used), polar(b * used), gains
 
 
 def _gains(weights: Tensor, loadings: Tensor, merge_weights: Tensor, options: CPOptions) -> Tensor:

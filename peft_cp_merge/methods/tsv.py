@@ -4,7 +4,8 @@ Per adapter SVD ``G_i = U_i S_i V_i^T`` (all components: a LoRA's rank is alread
 ``U = [U_1 ... U_N]`` and ``V = [V_1 ... V_N]`` replaced by their polar factors (the nearest matrices
 with orthonormal columns), ``dW = U_perp diag(w_1 S_1, ..., w_N S_N) V_perp^T``, then truncated to
 rank ``R`` by its SVD. The paper's global scale ``alpha`` is the merge weights' job here: with
-adapters in mutually orthogonal subspaces ``U_perp = U`` and the result is the weighted sum.
+adapters in mutually orthogonal subspaces ``U_perp = U`` and the result is the weighted sum. An
+adapter with weight 0 is left out of the polar factors, so it changes nothing.
 
 Reference:
     Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging", CVPR 2025.
@@ -46,7 +47,8 @@ def merge_tsv(stack: LoraStack, weights: Sequence[float] | Tensor, *, rank: int)
     compressed = compress(stack)
     svd = task_svd(core_slices(compressed.core)[0])
     sigma = w.to(svd.S)[svd.owner] * svd.S
-    delta = (polar(svd.U) * sigma) @ polar(svd.V).T
+    used = sigma != 0  # an adapter with weight 0 does not turn the others' directions
+    delta = (polar(svd.U[:, used]) * sigma[used]) @ polar(svd.V[:, used]).T
     return truncated(stack, compressed, delta, rank, w)
 
 

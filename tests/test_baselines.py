@@ -134,3 +134,10 @@ def test_tsv_ignores_an_adapter_with_weight_zero():
     with_zero = merge_tsv(stack, [1.3, 0.0, 0.0], rank=9)
     alone = merge_tsv(first, [1.3], rank=3)
     torch.testing.assert_close(delta(with_zero), delta(alone), **TOL)
+
+
+def test_tsv_of_a_module_whose_adapters_all_have_weight_zero_is_zero():
+    # A module that only a zero-weight adapter adapts: nothing to whiten, an all-zero delta.
+    merged = merge_tsv(random_stack([3], seed=1), [0.0], rank=3)
+    assert torch.count_nonzero(delta(merged)) == 0
+    assert polar(torch.zeros(5, 0, dtype=torch.float64)).shape == (5, 0)

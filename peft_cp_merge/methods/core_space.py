@@ -80,6 +80,8 @@ def polar(x: Tensor) -> Tensor:
     mean weight instead of picking up arbitrary directions. Leading batch dimensions are allowed
     (``(..., M, K)``), each matrix with its own cutoff.
     """
+    if x.shape[-1] == 0 or x.shape[-2] == 0:  # no columns (e.g. every adapter at weight 0): nothing
+        return x.clone()
     p, s, qh = torch.linalg.svd(x, full_matrices=False)
     keep = s > max(x.shape[-2:]) * torch.finfo(s.dtype).eps * s.amax(dim=-1, keepdim=True)
     return (p * keep[..., None, :].to(p.dtype)) @ qh

@@ -6,7 +6,8 @@
 #
 # 1. the CUDA tests (marked `cuda`; skipped on CPU-only machines), with their output kept;
 # 2. the speed benchmark on CUDA: the Mistral-7B-shaped set (32 layers x 7 projections, N = 10,
-#    r = 16, R = 16) and the comparison with the authors' dense CP and PEFT svd;
+#    r = 16; the default cp at R = 160 and the sum-like cp at R = 16) and the comparison with the
+#    authors' dense CP and PEFT svd;
 # 3. when the quality benchmark's real adapters are cached, the real-adapter speed part on CUDA.
 # A failing CUDA test does not stop the benchmarks; the script's exit status reports it at the end.
 # Results: benchmarks/results/gpu_check_*.{txt,json} (machine, versions and date inside each JSON).

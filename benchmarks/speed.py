@@ -53,9 +53,11 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from speed_large import large_table, part_large, part_large_default
+from timing import interleaved, median_time, with_extra_peak
 
 MISTRAL_SHAPES = {  # name: (d_out, d_in)
     "q_proj": (4096, 4096),
@@ -105,17 +107,6 @@ def _machine(threads: int, device: str) -> dict:
     except ImportError:
         info["tensorly"] = None
     return info
-
-
-def _median_time(fn, repeats: int, sync) -> tuple[float, list[float]]:
-    times = []
-    for i in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn(i)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
 
 
 def _toy_peft_model(n_adapters: int, *, hidden: int, layers: int, rank: int, device: str):
@@ -185,7 +176,7 @@ def _compare_one(n_adapters: int, args, sync) -> dict:
             options = {"combination_type": "cp", "cp_rank": cp_rank, "cp_progress": False, **SUM_LIKE_KWARGS}
             reports.append(model.add_weighted_adapter(adapters, weights, name, **options))
 
-        row[f"cp_rank{cp_rank}_s"], row[f"cp_rank{cp_rank}_runs_s"] = _median_time(run_cp, args.repeats, sync)
+        row[f"cp_rank{cp_rank}_s"], row[f"cp_rank{cp_rank}_runs_s"] = median_time(run_cp, args.repeats, sync)
         row[f"cp_rank{cp_rank}_rel_error_mean"] = statistics.mean(reports[-1].fit_error.values())
         for i in range(args.repeats):
             model.delete_adapter(f"cp{cp_rank}_{i}")
@@ -193,7 +184,7 @@ def _compare_one(n_adapters: int, args, sync) -> dict:
     def run_svd(i):
         model.add_weighted_adapter(adapters, weights, f"svd_{i}", combination_type="svd", svd_rank=16)
 
-    row["peft_svd_s"], row["peft_svd_runs_s"] = _median_time(run_svd, args.repeats, sync)
+    row["peft_svd_s"], row["peft_svd_runs_s"] = median_time(run_svd, args.repeats, sync)
     if not args.skip_tensorly:
         row["tensorly_authors_s"], errors = _tensorly_authors_merge(model, adapters)
         row["tensorly_authors_rel_error_mean"] = statistics.mean(errors)
@@ -249,16 +240,14 @@ def part_mistral(args, sync) -> dict:
         "default": ({name: [1.0] * 10 for name in stacks}, DEFAULT_RANK, None),
         "sum_like_rank16": ({name: [0.1] * 10 for name in stacks}, 16, CPOptions.sum_like()),
     }
-    runs: dict[str, list[float]] = {name: [] for name in setups}
-    results = {}
-    for _ in range(args.repeats):
-        for name, (weights, rank, options) in setups.items():
-            sync()
-            start = time.perf_counter()
-            results[name] = merge_modules(stacks, weights, rank=rank, options=options, progress=False)
-            sync()
-            runs[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(times) for name, times in runs.items()}
+    medians, runs, results = interleaved(
+        {
+            name: partial(merge_modules, stacks, weights, rank=rank, options=options, progress=False)
+            for name, (weights, rank, options) in setups.items()
+        },
+        args.repeats,
+        sync,
+    )
     input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
     row = {
         **_mistral_setting(args, stacks),
@@ -296,16 +285,14 @@ def part_variants(args, sync) -> dict:
 
     stacks = _mistral_stacks(args.layers, 10, 16, args.device)
     weights = {name: [0.1] * 10 for name in stacks}
-    runs: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for _ in range(args.repeats):
-        for name, spelled in VARIANTS.items():
-            options = {k: v for k, v in spelled.items() if k != "rank"}
-            sync()
-            start = time.perf_counter()
-            merge_modules(stacks, weights, rank=spelled["rank"], options=CPOptions(**options), progress=False)
-            sync()
-            runs[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(times) for name, times in runs.items()}
+
+    def run(spelled: dict) -> None:  # the merge, not kept
+        options = CPOptions(**{k: v for k, v in spelled.items() if k != "rank"})
+        merge_modules(stacks, weights, rank=spelled["rank"], options=options, progress=False)
+
+    medians, runs, _ = interleaved(
+        {name: partial(run, spelled) for name, spelled in VARIANTS.items()}, args.repeats, sync
+    )
     row = {
         **_mistral_setting(args, stacks),
         "options": VARIANTS,
@@ -318,21 +305,6 @@ def part_variants(args, sync) -> dict:
     return row
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _with_extra_peak(fn):
-    """``(fn(), bytes)``: the result and the peak resident memory ``fn`` added (Linux /proc)."""
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    before_kb = _status_kb("VmRSS")
-    result = fn()
-    return result, (_status_kb("VmHWM") - before_kb) * 1024
-
-
 def part_memory_child(args) -> dict:
     """Runs in a fresh process: extra peak RSS of one Mistral-shaped merge with the package defaults."""
     from peft_cp_merge import merge_modules
@@ -340,9 +312,7 @@ def part_memory_child(args) -> dict:
     stacks = _mistral_stacks(args.layers, 10, 16, "cpu")
     weights = {name: [1.0] * 10 for name in stacks}
     input_bytes = sum(t.numel() * t.element_size() for s in stacks.values() for t in (*s.lora_A, *s.lora_B))
-    merged, extra = _with_extra_peak(
-        lambda: merge_modules(stacks, weights, rank=DEFAULT_RANK, progress=False)
-    )
+    merged, extra = with_extra_peak(lambda: merge_modules(stacks, weights, rank=DEFAULT_RANK, progress=False))
     output_bytes = sum(t.numel() * t.element_size() for m in merged.values() for t in (m.lora_A, m.lora_B))
     return {
         "layers": args.layers,
@@ -472,7 +442,7 @@ def main() -> None:
     if "variants" in args.parts:
         results["variants"] = part_variants(args, sync)
     if "large" in args.parts:
-        results["large"] = part_large(args, sync, _with_extra_peak)
+        results["large"] = part_large(args, sync)
     if "large_default" in args.parts:
         results["large_default"] = part_large_default(args, sync)
     args.out.parent.mkdir(parents=True, exist_ok=True)

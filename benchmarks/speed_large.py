@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from functools import partial
+
+from timing import interleaved, with_extra_peak
 
 N_ADAPTERS, LORA_RANK, DIM = 50, 64, 4096
 
@@ -26,7 +29,7 @@ def _large_stack(device: str):
     return LoraStack(lora_A, lora_B, [2.0] * N_ADAPTERS)
 
 
-def part_large(args, sync, with_extra_peak) -> dict:
+def part_large(args, sync) -> dict:
     """One module with many adapters (N = 50, r = 64, M = 3200, d = 4096, R = 64), merged with the
     randomized subspace start and with the explicit ``O(M^3)`` eigendecomposition start, alternating."""
     from peft_cp_merge import merge_modules
@@ -81,20 +84,19 @@ def part_large_default(args, sync) -> dict:
         "default": ({"module": [1.0] * n_adapters}, n_adapters * rank, None),
         "sum_like_rank64": ({"module": [1 / n_adapters] * n_adapters}, rank, CPOptions.sum_like()),
     }
-    runs: dict[str, list[float]] = {name: [] for name in setups}
-    for _ in range(args.repeats):
-        for name, (weights, cp_rank, options) in setups.items():
-            sync()
-            begin = time.perf_counter()
-            merge_modules(stacks, weights, rank=cp_rank, options=options, progress=False)
-            sync()
-            runs[name].append(time.perf_counter() - begin)
+
+    def run(weights, cp_rank, options) -> None:  # the merge, not kept
+        merge_modules(stacks, weights, rank=cp_rank, options=options, progress=False)
+
+    medians, runs, _ = interleaved(
+        {name: partial(run, *setup) for name, setup in setups.items()}, args.repeats, sync
+    )
     row = {
         "n_adapters": n_adapters,
         "lora_rank": rank,
         "d": dim,
         "cp_rank": {name: setup[1] for name, setup in setups.items()},
-        **{f"{name}_s": statistics.median(times) for name, times in runs.items()},
+        **{f"{name}_s": median for name, median in medians.items()},
         **{f"{name}_runs_s": times for name, times in runs.items()},
     }
     print(json.dumps(row), flush=True)

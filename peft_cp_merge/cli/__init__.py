@@ -15,7 +15,7 @@ Example::
     peft-cp-merge merge math/ code/ --weights 1 1 --out merged/
     peft-cp-merge analyze math/ code/ --rank 8 16 32 --out report/
     peft-cp-merge build-library --data train.jsonl --base-model model/ --k 10 --out library/
-    peft-cp-merge merge --library library/ --rank 16 --out merged/
+    peft-cp-merge merge --library library/ --out merged/
 """
 
 from __future__ import annotations
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_merge(args: argparse.Namespace) -> int:
     """``merge``: :func:`~.folders.merging.merge_adapter_folders`, or the plan with ``--dry-run``."""
-    options = get_method(args.method).make_options(method_options(args))
+    method = get_method(args.method)
+    options = method.make_options(method_options(args))
     if args.library is not None:
         if args.adapters:
             raise ValueError("Give either ADAPTER_DIR arguments or --library, not both")
@@ -241,7 +242,7 @@ def run_merge(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     errors = [e for e in result.rel_errors.values() if e is not None]
-    on_purpose = get_method(args.method).per_adapter_weights(options)
+    on_purpose = method.per_adapter_weights(options)
     print(
         f"Wrote {result.out_dir}: method {result.plan.method}, rank {result.plan.rank}, "
         f"{len(result.plan.modules)} modules in {result.seconds:.1f} s; distance to the weighted sum "

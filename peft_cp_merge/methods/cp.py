@@ -345,9 +345,6 @@ def _fit_chunk(core: LoraCore, full_rank: int, weights_batch: Tensor, options: C
         ranks = sorted({-(-full_rank * k // 4) for k in (1, 2, 3)} | {full_rank})
     fits = {}
     for r in ranks:
-        exact = options.init == "gevd" and r >= core.left.shape[2]  # cp_als returns the core's own CP
-        what = "Exact CP (no ALS)" if exact else "CP-ALS"
-        logger.info("%s on %d modules, core %s, rank %d", what, core.left.shape[0], core.shape[1:], r)
         result = cp_als(
             core,
             r,
@@ -358,6 +355,8 @@ def _fit_chunk(core: LoraCore, full_rank: int, weights_batch: Tensor, options: C
             seed=options.seed,
             line_search=options.line_search,
         )
+        what = "CP-ALS" if result.n_iter.any() else "Exact CP (no ALS)"  # cp_als's own rank-M CP: 0 sweeps
+        logger.info("%s on %d modules, core %s, rank %d", what, core.left.shape[0], core.shape[1:], r)
         if (~result.converged).any():
             logger.info(
                 "%d of %d modules stopped at n_iter_max=%d",
